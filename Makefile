@@ -1,0 +1,30 @@
+# fairseq-memtrm: `make test` and `make demo` do all of the set-up on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+TORCH  := torch==2.13.0
+FAIRSEQ := fairseq-fixed==0.12.3.1
+
+.PHONY: install test demo demo-model clean
+
+install: $(STAMP)
+
+# torch is pinned exactly: pip takes that CPU build from local disk, where any
+# looser requirement would download a multi-GB CUDA build. fairseq-fixed is
+# built without build isolation so that its build reuses this torch, and with
+# --no-deps so that it cannot pull torchaudio (which would replace torch).
+$(STAMP): requirements.txt setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -r requirements.txt $(TORCH)
+	$(BIN)/pip install -q --no-deps --no-build-isolation $(FAIRSEQ)
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

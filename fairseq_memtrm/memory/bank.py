@@ -1,0 +1,106 @@
+"""Which memory a forward pass reads: one ``KNNMemory`` per stream set and layer.
+
+A *stream set* names a family of streams that read documents in order:
+``"train"``, ``"valid"``, ``"test"``, a demo session id. Validation in the
+middle of training runs on the same model object, so memories are keyed by
+stream set and never shared: validation can neither read nor clobber the
+training streams' memory, and one demo session never sees another's document.
+"""
+
+import logging
+import os
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+from fairseq_memtrm.errors import MemtrmUserError
+
+from .knn_memory import KNNMemory, memory_bytes
+
+logger = logging.getLogger(__name__)
+
+
+def available_bytes(device: torch.device) -> int:
+    """Free memory where the memory would live: host RAM or the CUDA device."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no check
+        return 1 << 62
+
+
+class MemoryBank:
+    """Memories of one model. ``layers`` maps a layer index to (num_heads, head_dim)."""
+
+    def __init__(self, layers: Dict[int, tuple], memory_size: int, dtype: str, backend: str):
+        self.layers = dict(layers)
+        self.memory_size = memory_size
+        self.dtype = dtype
+        self.backend = backend
+        self.stream_sets: Dict[str, Dict[int, KNNMemory]] = {}
+
+    def bytes_per_stream(self) -> int:
+        return sum(memory_bytes(self.memory_size, h, d, self.dtype) for h, d in self.layers.values())
+
+    def check_fits(self, num_streams: int, device: torch.device) -> None:
+        """Fail before any work when ``num_streams`` full memories would not fit."""
+        need = num_streams * self.bytes_per_stream()
+        held = sum(
+            len(next(iter(m.values())).written) * self.bytes_per_stream()
+            for m in self.stream_sets.values()
+            if m
+        )
+        free = available_bytes(device) + held
+        if need > 0.9 * free:
+            raise MemtrmUserError(
+                f"the kNN memory needs {need / 2**30:.1f} GiB ({num_streams} streams x "
+                f"{self.bytes_per_stream() / 2**20:.0f} MiB: --memory-size {self.memory_size}, "
+                f"{len(self.layers)} memory layer(s), {self.dtype}) but only {free / 2**30:.1f} GiB "
+                f"is free on {device}; lower --memory-size or --batch-size, or use --memory-dtype fp16"
+            )
+
+    def select(
+        self, stream_set: str, num_streams: int, doc_start: Optional[Tensor], device: torch.device
+    ) -> Dict[int, KNNMemory]:
+        """The memories for this batch, with streams at ``doc_start`` reset.
+
+        ``doc_start`` None means the batch carries no document structure (e.g.
+        fairseq's ``language_modeling`` task): every stream is reset, so memory
+        only spans the segments of one batch... which is none: it stays empty.
+        """
+        memories = self.stream_sets.get(stream_set)
+        if memories is not None and len(next(iter(memories.values())).written) != num_streams:
+            if doc_start is not None and not bool(doc_start.all()):
+                raise MemtrmUserError(
+                    f"stream set {stream_set!r} changed from "
+                    f"{len(next(iter(memories.values())).written)} to {num_streams} streams in the "
+                    "middle of its documents; keep --batch-size fixed within an epoch"
+                )
+            memories = None
+        if memories is None:
+            self.check_fits(num_streams, device)
+            logger.info(
+                "kNN memory for stream set %r: %d streams x %.1f MiB (%d tokens, %d layer(s), %s)",
+                stream_set, num_streams, self.bytes_per_stream() / 2**20,
+                self.memory_size, len(self.layers), self.dtype,
+            )
+            memories = {
+                layer: KNNMemory(num_streams, heads, dim, self.memory_size, self.dtype, self.backend)
+                for layer, (heads, dim) in self.layers.items()
+            }
+            self.stream_sets[stream_set] = memories
+        for memory in memories.values():
+            memory.reset(None if doc_start is None else doc_start)
+        return memories
+
+    def clear(self, stream_set: Optional[str] = None) -> None:
+        """Drop a stream set's memory (or all of them), freeing its storage."""
+        if stream_set is None:
+            self.stream_sets.clear()
+        else:
+            self.stream_sets.pop(stream_set, None)
+
+    def memories(self, stream_set: str) -> List[KNNMemory]:
+        return list(self.stream_sets.get(stream_set, {}).values())

@@ -1,0 +1,177 @@
+"""The kNN memory: per stream and per head, a ring buffer of (key, value) pairs.
+
+This one class owns all memory state. Its invariants (each one tested in
+``tests/test_knn_memory.py``):
+
+* one store per stream (batch row) and per head; streams never see each other;
+* ``reset(streams)`` empties only the named streams (a document starts there);
+* when full, the oldest entries are overwritten first (a ring buffer, as in
+  meliad); the memory is never wiped wholesale;
+* entries are stored detached: no gradient ever reaches them;
+* every entry remembers its position in its document, for reports and demos.
+
+The order of operations per segment is the caller's: reset the streams that
+start a document, ``search`` with the segment's queries, then ``add`` the
+segment's keys, so a segment never retrieves itself.
+"""
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .search import build_backend
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def memory_bytes(memory_size: int, num_heads: int, head_dim: int, dtype: str = "fp32") -> int:
+    """Bytes one stream needs for one memory layer: keys + values + positions."""
+    element = torch.finfo(DTYPES[dtype]).bits // 8
+    return memory_size * (num_heads * head_dim * 2 * element + 8)
+
+
+@dataclass
+class Retrieval:
+    """The top-k entries found for each query. Shapes: (B, H, T, k[, D])."""
+
+    keys: Tensor  # (B, H, T, k, D), detached, in the queries' dtype
+    values: Tensor  # (B, H, T, k, D), detached
+    scores: Tensor  # (B, H, T, k) inner products; -inf where invalid
+    positions: Tensor  # (B, H, T, k) int64 position in the document; -1 where invalid
+    mask: Tensor  # (B, H, T, k) bool, True where an entry was found
+
+
+class KNNMemory:
+    """Ring-buffer memory of ``memory_size`` tokens per stream, for every head.
+
+    Storage grows on demand (doubling) up to ``memory_size``, so short
+    documents do not pay for a 262K-token buffer.
+    """
+
+    def __init__(
+        self,
+        num_streams: int,
+        num_heads: int,
+        head_dim: int,
+        memory_size: int,
+        dtype: str = "fp32",
+        backend: str = "exact",
+    ):
+        if memory_size < 0:
+            from fairseq_memtrm.errors import MemtrmUserError
+
+            raise MemtrmUserError(f"--memory-size must be >= 0, got {memory_size}")
+        self.num_streams = num_streams
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.memory_size = memory_size
+        self.dtype = DTYPES[dtype]
+        self.backend = build_backend(
+            backend,
+            num_streams=num_streams,
+            num_heads=num_heads,
+            head_dim=head_dim,
+            memory_size=memory_size,
+        )
+        self.capacity = 0
+        self.keys: Optional[Tensor] = None  # (B, H, capacity, D)
+        self.values: Optional[Tensor] = None  # (B, H, capacity, D)
+        self.positions: Optional[Tensor] = None  # (B, capacity) int64, -1 = empty
+        # tokens written per stream since its document started = next position
+        self.written = torch.zeros(num_streams, dtype=torch.long)
+
+    # ------------------------------------------------------------------ state
+    def num_valid(self, stream: int) -> int:
+        """Entries ``stream`` holds now: ring slots ``[0, num_valid)`` are filled."""
+        return min(int(self.written[stream]), self.memory_size)
+
+    def is_empty(self) -> bool:
+        return bool((self.written == 0).all()) or self.memory_size == 0
+
+    def reset(self, streams: Optional[Tensor] = None) -> None:
+        """Forget the memory of ``streams`` (bool[B]; None = all streams)."""
+        if streams is None:
+            streams = torch.ones(self.num_streams, dtype=torch.bool)
+        streams = streams.detach().to("cpu", torch.bool)
+        if streams.numel() != self.num_streams:
+            raise ValueError(f"reset got {streams.numel()} streams, memory has {self.num_streams}")
+        for stream in streams.nonzero().flatten().tolist():
+            self.written[stream] = 0
+            if self.positions is not None:
+                self.positions[stream] = -1
+            self.backend.on_reset(stream)
+
+    def _ensure_capacity(self, needed: int, like: Tensor) -> None:
+        needed = min(needed, self.memory_size)
+        if self.keys is not None and (needed <= self.capacity):
+            return
+        capacity = min(self.memory_size, max(needed, 2 * self.capacity, 256))
+        shape = (self.num_streams, self.num_heads, capacity, self.head_dim)
+        keys = like.new_zeros(shape, dtype=self.dtype)
+        values = like.new_zeros(shape, dtype=self.dtype)
+        positions = torch.full((self.num_streams, capacity), -1, dtype=torch.long, device=like.device)
+        if self.keys is not None:
+            keys[:, :, : self.capacity] = self.keys
+            values[:, :, : self.capacity] = self.values
+            positions[:, : self.capacity] = self.positions
+        self.keys, self.values, self.positions, self.capacity = keys, values, positions, capacity
+
+    # ------------------------------------------------------------- interface
+    @torch.no_grad()
+    def add(self, keys: Tensor, values: Tensor, token_mask: Optional[Tensor] = None) -> None:
+        """Write a segment. ``keys``/``values``: (B, H, T, D); ``token_mask``: bool (B, T),
+        True for real tokens (padding is never written). Stored detached."""
+        if self.memory_size == 0:
+            return
+        bsz, _, seq_len, _ = keys.shape
+        if token_mask is None:
+            token_mask = keys.new_ones(bsz, seq_len, dtype=torch.bool)
+        counts = token_mask.sum(dim=1).tolist()
+        self._ensure_capacity(max(int(self.written.max()) + max(counts), 1), keys)
+        for stream in range(bsz):
+            index = token_mask[stream].nonzero().flatten()
+            if index.numel() == 0:
+                continue
+            index = index[-self.memory_size :]  # only the newest can survive
+            start = int(self.written[stream]) + (counts[stream] - index.numel())
+            doc_positions = torch.arange(start, start + index.numel(), device=keys.device)
+            slots = doc_positions % self.memory_size
+            new_keys = keys[stream, :, index].detach().to(self.dtype)
+            self.keys[stream, :, slots] = new_keys
+            self.values[stream, :, slots] = values[stream, :, index].detach().to(self.dtype)
+            self.positions[stream, slots] = doc_positions
+            self.written[stream] += counts[stream]
+            self.backend.on_add(stream, slots, new_keys)
+
+    @torch.no_grad()
+    def search(self, queries: Tensor, k: int) -> Retrieval:
+        """Top-``k`` entries by inner product for ``queries`` (B, H, T, D).
+
+        Streams holding fewer than ``k`` entries return what they have, the rest
+        masked out (``mask`` False, ``positions`` -1, ``scores`` -inf).
+        """
+        bsz, heads, seq_len, dim = queries.shape
+        out_keys = queries.new_zeros(bsz, heads, seq_len, k, dim)
+        out_values = queries.new_zeros(bsz, heads, seq_len, k, dim)
+        out_scores = queries.new_full((bsz, heads, seq_len, k), float("-inf"))
+        out_positions = torch.full((bsz, heads, seq_len, k), -1, dtype=torch.long, device=queries.device)
+        for stream in range(bsz):
+            num_valid = self.num_valid(stream)
+            if num_valid == 0:
+                continue
+            found = min(k, num_valid)
+            keys = self.keys[stream, :, :num_valid]
+            scores, slots = self.backend.search(stream, queries[stream].detach(), keys, found)
+            flat = slots.reshape(heads, seq_len * found, 1).expand(-1, -1, dim)
+            out_keys[stream, :, :, :found] = keys.gather(1, flat).view(heads, seq_len, found, dim).to(queries.dtype)
+            out_values[stream, :, :, :found] = (
+                self.values[stream, :, :num_valid].gather(1, flat).view(heads, seq_len, found, dim).to(queries.dtype)
+            )
+            out_scores[stream, :, :, :found] = scores
+            out_positions[stream, :, :, :found] = self.positions[stream][slots]
+        return Retrieval(out_keys, out_values, out_scores, out_positions, out_positions >= 0)

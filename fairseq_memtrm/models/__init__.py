@@ -1,0 +1,1 @@
+from . import memorizing_transformer_lm  # noqa: F401

@@ -1,0 +1,270 @@
+"""``memorizing_transformer_lm``: fairseq's ``transformer_lm`` whose decoder layers
+at ``--memory-layers`` use kNN-augmented attention over a per-document memory.
+
+Everything but those layers' attention is the stock ``TransformerLanguageModel``
+(same modules, same parameter names), so ``--finetune-from-model`` loads every
+weight of a vanilla ``transformer_lm`` checkpoint; only the memory parameters
+(per-head gate and temperature) start fresh.
+
+Extra batch keys (``net_input``), consumed here before the stock decoder runs:
+
+* ``doc_start``: bool (B,), True where row b starts a new document; that row's
+  memory is reset before the segment is read. Absent: all rows are reset (no
+  document structure, e.g. fairseq's ``language_modeling`` task).
+* ``stream_id``: str naming the stream set (``"train"``, ``"valid"``, ...);
+  each set has its own memory, so validation never touches training memory.
+"""
+
+import logging
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+from fairseq.dataclass import ChoiceEnum
+from fairseq.models import register_model, register_model_architecture
+from fairseq.models.transformer import TransformerConfig
+from fairseq.models.transformer_lm import (
+    TransformerLanguageModel,
+    TransformerLanguageModelConfig,
+    base_lm_architecture,
+    transformer_lm_baevski_wiki103,
+    transformer_lm_gpt2_medium,
+    transformer_lm_gpt2_small,
+    transformer_lm_gpt,
+)
+from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
+from torch import Tensor
+
+from fairseq_memtrm.errors import MemtrmUserError
+from fairseq_memtrm.memory import MemoryBank
+from fairseq_memtrm.memory.search import BACKENDS
+from fairseq_memtrm.modules.knn_attention import KNNAugmentedAttention
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_STREAM_SET = "default"
+
+
+@dataclass
+class MemorizingTransformerLMConfig(TransformerLanguageModelConfig):
+    memory_size: int = field(
+        default=65536,
+        metadata={"help": "tokens of kNN memory per stream (batch row); oldest are evicted first"},
+    )
+    knn_k: int = field(default=32, metadata={"help": "entries retrieved from memory per query and head"})
+    memory_layers: str = field(
+        default="",
+        metadata={
+            "help": "comma-separated 0-based indices of the decoder layers that use the memory; "
+            "default: the layer at three quarters of the depth (8 of 12)"
+        },
+    )
+    memory_gate_init: float = field(
+        default=0.0,
+        metadata={"help": "initial per-head gate bias b_h; memory weight is sigmoid(b_h)"},
+    )
+    memory_dtype: ChoiceEnum(["fp32", "fp16"]) = field(
+        default="fp32", metadata={"help": "storage dtype of memory keys/values (fp16 halves RAM)"}
+    )
+    memory_backend: str = field(
+        default="exact",
+        metadata={"help": "top-k search backend: exact (blocked matmul), faiss-flat, faiss-ivf, faiss-hnsw"},
+    )
+
+
+def parse_memory_layers(spec: str, num_layers: int) -> List[int]:
+    if not spec:
+        return [max(0, (3 * num_layers) // 4 - 1)]
+    try:
+        layers = sorted({int(part) for part in str(spec).split(",") if part.strip()})
+    except ValueError:
+        raise MemtrmUserError(f"--memory-layers expects comma-separated integers, got {spec!r}")
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad or not layers:
+        raise MemtrmUserError(
+            f"--memory-layers {spec!r}: indices must be 0-based and below --decoder-layers ({num_layers})"
+        )
+    return layers
+
+
+def build_memorizing_layer(cfg: TransformerConfig, knn_k: int, memory_gate_init: float):
+    """A stock decoder layer whose self-attention is kNN-augmented."""
+    layer = TransformerDecoderLayerBase(cfg, no_encoder_attn=True)
+    layer.self_attn = KNNAugmentedAttention(
+        layer.embed_dim,
+        cfg.decoder.attention_heads,
+        knn_k=knn_k,
+        memory_gate_init=memory_gate_init,
+        dropout=cfg.attention_dropout,
+        q_noise=layer.quant_noise,
+        qn_block_size=layer.quant_noise_block_size,
+    )
+    return layer
+
+
+@register_model("memorizing_transformer_lm", dataclass=MemorizingTransformerLMConfig)
+class MemorizingTransformerLanguageModel(TransformerLanguageModel):
+    def __init__(self, decoder):
+        super().__init__(decoder)
+        self.memory_layer_ids: List[int] = []
+        self.memory_bank: Optional[MemoryBank] = None
+
+    @classmethod
+    def build_model(cls, args, task):
+        if args.memory_backend not in BACKENDS:
+            raise MemtrmUserError(
+                f"unknown --memory-backend {args.memory_backend!r}; choose one of {sorted(BACKENDS)}"
+            )
+        if args.knn_k < 0:
+            raise MemtrmUserError(f"--knn-k must be >= 0, got {args.knn_k}")
+        model = super().build_model(args, task)
+        model.install_memory(args)
+        return model
+
+    def install_memory(self, args) -> None:
+        decoder = self.decoder
+        self.memory_layer_ids = parse_memory_layers(args.memory_layers, len(decoder.layers))
+        for index in self.memory_layer_ids:
+            decoder.layers[index] = build_memorizing_layer(decoder.cfg, args.knn_k, args.memory_gate_init)
+        self.memory_bank = MemoryBank(
+            {i: (decoder.layers[i].self_attn.num_heads, decoder.layers[i].self_attn.head_dim)
+             for i in self.memory_layer_ids},
+            memory_size=args.memory_size,
+            dtype=args.memory_dtype,
+            backend=args.memory_backend,
+        )
+        logger.info(
+            "memorizing layers %s: memory %d tokens/stream, k=%d, %s, backend %s (%.1f MiB per stream)",
+            self.memory_layer_ids, args.memory_size, args.knn_k, args.memory_dtype,
+            args.memory_backend, self.memory_bank.bytes_per_stream() / 2**20,
+        )
+
+    def memory_attentions(self) -> List[KNNAugmentedAttention]:
+        return [self.decoder.layers[i].self_attn for i in self.memory_layer_ids]
+
+    def forward(self, src_tokens: Tensor, doc_start: Optional[Tensor] = None,
+                stream_id: Optional[str] = None, **kwargs):
+        memories = self.memory_bank.select(
+            stream_id or DEFAULT_STREAM_SET, src_tokens.size(0), doc_start, src_tokens.device
+        )
+        token_mask = src_tokens.ne(self.decoder.padding_idx)
+        for index, attention in zip(self.memory_layer_ids, self.memory_attentions()):
+            attention.memory = memories[index]
+            attention.token_mask = token_mask
+        try:
+            return self.decoder(src_tokens, **kwargs)
+        finally:
+            for attention in self.memory_attentions():
+                attention.memory = None
+                attention.token_mask = None
+
+    def set_record_retrievals(self, record: bool) -> None:
+        for attention in self.memory_attentions():
+            attention.record_retrievals = record
+            attention.last_record = None
+
+    # ------------------------------------------------------------ checkpoints
+    def upgrade_state_dict_named(self, state_dict, name):
+        """Loads vanilla ``transformer_lm`` checkpoints (the memory layers' new
+        parameters start fresh, see ``KNNAugmentedAttention``) and turns every
+        incompatibility into one clear sentence instead of torch's key dump."""
+        super().upgrade_state_dict_named(state_dict, name)
+        if name == "":
+            self._check_compatible(state_dict)
+
+    def _check_compatible(self, state_dict) -> None:
+        own = self.state_dict()
+        vocab_keys = ("decoder.embed_tokens.weight", "decoder.output_projection.weight")
+        for key, tensor in own.items():
+            if key not in state_dict:
+                if key.startswith("decoder.layers."):
+                    layers = {k.split(".")[2] for k in state_dict if k.startswith("decoder.layers.")}
+                    raise MemtrmUserError(
+                        f"checkpoint lacks {key}: it has {len(layers)} decoder layers, this model "
+                        f"{len(self.decoder.layers)}; use the checkpoint's --arch and --decoder-layers"
+                    )
+                raise MemtrmUserError(
+                    f"checkpoint lacks tensor {key}; it was saved by a different architecture "
+                    "(e.g. adaptive input/softmax vs plain embeddings): use the checkpoint's --arch"
+                )
+            theirs = state_dict[key]
+            if tuple(theirs.shape) != tuple(tensor.shape):
+                if key in vocab_keys and theirs.dim() == 2 and theirs.shape[1:] == tensor.shape[1:]:
+                    raise MemtrmUserError(
+                        f"dictionary mismatch: the checkpoint was trained with {theirs.shape[0]} "
+                        f"symbols but this data's dictionary has {tensor.shape[0]}; binarize the data "
+                        "with the checkpoint's dict.txt (fairseq-preprocess --srcdict DICT) or "
+                        "prepare_data.py --spm-model/--dict from the checkpoint's data-bin"
+                    )
+                raise MemtrmUserError(
+                    f"tensor {key} has shape {tuple(theirs.shape)} in the checkpoint but "
+                    f"{tuple(tensor.shape)} in this model; set --arch / --decoder-embed-dim / "
+                    "--decoder-ffn-embed-dim / --decoder-attention-heads to the checkpoint's values"
+                )
+        extra = sorted(k for k in state_dict if k not in own)
+        if extra:
+            raise MemtrmUserError(
+                f"checkpoint has tensors this model lacks (e.g. {extra[0]}); it has more layers or "
+                "another architecture: use the checkpoint's --arch and --decoder-layers"
+            )
+
+
+def memory_defaults(args):
+    args.memory_size = getattr(args, "memory_size", 65536)
+    args.knn_k = getattr(args, "knn_k", 32)
+    args.memory_layers = getattr(args, "memory_layers", "")
+    args.memory_gate_init = getattr(args, "memory_gate_init", 0.0)
+    args.memory_dtype = getattr(args, "memory_dtype", "fp32")
+    args.memory_backend = getattr(args, "memory_backend", "exact")
+
+
+# `register_model` with a dataclass already registers the arch named like the
+# model (the dataclass defaults); this function is the base the others extend.
+def memorizing_transformer_lm(args):
+    base_lm_architecture(args)
+    memory_defaults(args)
+
+
+@register_model_architecture("memorizing_transformer_lm", "memorizing_transformer_lm_gpt")
+def memorizing_transformer_lm_gpt(args):
+    transformer_lm_gpt(args)
+    memory_defaults(args)
+
+
+@register_model_architecture("memorizing_transformer_lm", "memorizing_transformer_lm_gpt2_small")
+def memorizing_transformer_lm_gpt2_small(args):
+    transformer_lm_gpt2_small(args)
+    memory_defaults(args)
+
+
+@register_model_architecture("memorizing_transformer_lm", "memorizing_transformer_lm_gpt2_medium")
+def memorizing_transformer_lm_gpt2_medium(args):
+    transformer_lm_gpt2_medium(args)
+    memory_defaults(args)
+
+
+@register_model_architecture("memorizing_transformer_lm", "memorizing_transformer_lm_wiki103")
+def memorizing_transformer_lm_wiki103(args):
+    transformer_lm_baevski_wiki103(args)
+    memory_defaults(args)
+
+
+@register_model_architecture("memorizing_transformer_lm", "memorizing_transformer_lm_small")
+def memorizing_transformer_lm_small(args):
+    """6 x 256, 4 heads: the shape that trains at ~2K tokens/s on 2 CPU cores."""
+    args.decoder_layers = getattr(args, "decoder_layers", 6)
+    args.decoder_embed_dim = getattr(args, "decoder_embed_dim", 256)
+    args.decoder_ffn_embed_dim = getattr(args, "decoder_ffn_embed_dim", 1024)
+    args.decoder_attention_heads = getattr(args, "decoder_attention_heads", 4)
+    memorizing_transformer_lm(args)
+
+
+@register_model_architecture("memorizing_transformer_lm", "memorizing_transformer_lm_tiny")
+def memorizing_transformer_lm_tiny(args):
+    """4 x 128, 4 heads of 32 dims: for tests and CPU demos."""
+    args.decoder_layers = getattr(args, "decoder_layers", 4)
+    args.decoder_embed_dim = getattr(args, "decoder_embed_dim", 128)
+    args.decoder_ffn_embed_dim = getattr(args, "decoder_ffn_embed_dim", 512)
+    args.decoder_attention_heads = getattr(args, "decoder_attention_heads", 4)
+    args.memory_size = getattr(args, "memory_size", 8192)
+    memorizing_transformer_lm(args)

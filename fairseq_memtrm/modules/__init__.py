@@ -1,0 +1,1 @@
+from .knn_attention import KNNAugmentedAttention  # noqa: F401

@@ -1,0 +1,153 @@
+"""kNN-augmented self-attention (Memorizing Transformers, Wu et al. 2022, sec. 3).
+
+Per head, the layer computes two attentions and mixes them with a learned gate:
+
+* local: causal self-attention over the segment, exactly as fairseq's
+  ``MultiheadAttention`` computes it (same parameters, same names), so the
+  weights of a vanilla checkpoint keep their meaning;
+* memory: the L2-normalised query retrieves its top-k (key, value) pairs from
+  the :class:`~fairseq_memtrm.memory.KNNMemory` (earlier segments of the same
+  document only), and a separate softmax over those k entries, scaled by a
+  learned per-head temperature, reads their values. No position encoding.
+
+``out = local * (1 - g) + memory * g`` with ``g = sigmoid(memory_gate[h])``.
+Where a query found nothing in memory, ``g`` is 0 for it, so an empty memory
+gives plain local attention exactly.
+
+Per segment the order is: (the model resets streams at ``doc_start``) then
+retrieve with this segment's queries, then add this segment's keys/values, so
+a token never retrieves its own segment. Stored entries are detached: the
+gradient reaches the queries through the memory attention, never the memory.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from fairseq.modules import MultiheadAttention
+from torch import Tensor, nn
+
+from fairseq_memtrm.memory import KNNMemory, Retrieval
+
+MEMORY_PARAMETERS = ("memory_gate", "memory_log_scale")
+
+
+@dataclass
+class RetrievalRecord:
+    """What one layer retrieved for one segment (kept only when recording)."""
+
+    retrieval: Retrieval  # (B, H, T, k) positions, scores, mask
+    memory_probs: Tensor  # (B, H, T, k) attention weight of each retrieved entry
+    gate: Tensor  # (B, H, T) effective gate: sigmoid(b_h), 0 where nothing was found
+
+
+class KNNAugmentedAttention(MultiheadAttention):
+    def __init__(self, embed_dim: int, num_heads: int, knn_k: int = 32, memory_gate_init: float = 0.0, **kwargs):
+        super().__init__(embed_dim, num_heads, self_attention=True, **kwargs)
+        self.knn_k = knn_k
+        self.memory_gate = nn.Parameter(torch.full((num_heads,), float(memory_gate_init)))
+        # Normalised q.k lies in [-1, 1]; start the temperature at sqrt(head_dim),
+        # the typical norm product of unnormalised queries and keys.
+        self.memory_log_scale = nn.Parameter(torch.full((num_heads,), 0.5 * math.log(self.head_dim)))
+        # Bound by the model for one forward pass; None = behave as plain attention.
+        self.memory: Optional[KNNMemory] = None
+        self.token_mask: Optional[Tensor] = None  # (B, T) True for tokens to write
+        self.record_retrievals = False
+        self.last_record: Optional[RetrievalRecord] = None
+
+    def reset_memory_parameters(self, memory_gate_init: float) -> None:
+        with torch.no_grad():
+            self.memory_gate.fill_(memory_gate_init)
+            self.memory_log_scale.fill_(0.5 * math.log(self.head_dim))
+
+    def _split_heads(self, x: Tensor) -> Tensor:
+        """(T, B, C) -> (B, H, T, D)."""
+        seq_len, bsz, _ = x.shape
+        return x.view(seq_len, bsz, self.num_heads, self.head_dim).permute(1, 2, 0, 3)
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Optional[Tensor],
+        value: Optional[Tensor],
+        key_padding_mask: Optional[Tensor] = None,
+        incremental_state=None,
+        need_weights: bool = True,
+        static_kv: bool = False,
+        attn_mask: Optional[Tensor] = None,
+        before_softmax: bool = False,
+        need_head_weights: bool = False,
+    ):
+        memory = self.memory
+        use_memory = (
+            memory is not None and incremental_state is None and not before_softmax and not need_head_weights
+        )
+        if not use_memory or memory.memory_size == 0 or self.knn_k == 0:
+            return super().forward(
+                query, key, value, key_padding_mask, incremental_state, need_weights,
+                static_kv, attn_mask, before_softmax, need_head_weights,
+            )
+        if memory.is_empty():
+            # Nothing to retrieve: plain attention, then still write the segment.
+            out, weights = super().forward(
+                query, key, value, key_padding_mask, None, need_weights, False, attn_mask
+            )
+            memory.add(
+                F.normalize(self._split_heads(self.k_proj(query)), dim=-1),
+                self._split_heads(self.v_proj(query)),
+                self.token_mask,
+            )
+            self.last_record = None
+            return out, weights
+
+        seq_len, bsz, embed_dim = query.shape
+        q = self._split_heads(self.q_proj(query))  # (B, H, T, D), unscaled
+        k = self._split_heads(self.k_proj(query))
+        v = self._split_heads(self.v_proj(query))
+
+        # Local causal attention, as MultiheadAttention computes it.
+        local_logits = torch.matmul(q * self.scaling, k.transpose(-1, -2))  # (B, H, T, T)
+        if attn_mask is not None:
+            local_logits = local_logits + attn_mask
+        if key_padding_mask is not None:
+            local_logits = local_logits.masked_fill(
+                key_padding_mask.view(bsz, 1, 1, seq_len).to(torch.bool), float("-inf")
+            )
+        local_probs = self.dropout_module(F.softmax(local_logits, dim=-1, dtype=torch.float32).type_as(q))
+        local_out = torch.matmul(local_probs, v)  # (B, H, T, D)
+
+        # Memory attention over the top-k entries of earlier segments.
+        q_unit = F.normalize(q, dim=-1)
+        k_unit = F.normalize(k, dim=-1)
+        retrieval = memory.search(q_unit.detach(), self.knn_k)
+        scale = self.memory_log_scale.exp().view(1, -1, 1, 1)
+        memory_logits = torch.einsum("bhtd,bhtkd->bhtk", q_unit, retrieval.keys) * scale
+        memory_logits = memory_logits.masked_fill(~retrieval.mask, float("-inf"))
+        found = retrieval.mask.any(dim=-1)  # (B, H, T)
+        memory_probs = F.softmax(memory_logits.float(), dim=-1).type_as(q)
+        memory_probs = memory_probs.masked_fill(~found.unsqueeze(-1), 0.0)  # all -inf rows give NaN
+        memory_out = torch.einsum("bhtk,bhtkd->bhtd", self.dropout_module(memory_probs), retrieval.values)
+
+        gate = torch.sigmoid(self.memory_gate).view(1, -1, 1) * found.type_as(q)  # (B, H, T)
+        mixed = local_out + gate.unsqueeze(-1) * (memory_out - local_out)
+
+        memory.add(k_unit, v, self.token_mask)  # after retrieval: never retrieve yourself
+        if self.record_retrievals:
+            self.last_record = RetrievalRecord(retrieval, memory_probs.detach(), gate.detach())
+
+        out = self.out_proj(mixed.permute(2, 0, 1, 3).reshape(seq_len, bsz, embed_dim))
+        weights = None
+        if need_weights:
+            weights = local_probs.mean(dim=1)  # (B, T, T), like the plain path's average
+        return out, weights
+
+    def upgrade_state_dict_named(self, state_dict, name):
+        """A vanilla ``transformer_lm`` checkpoint lacks the memory parameters:
+        they start fresh (the model's own initial values)."""
+        super().upgrade_state_dict_named(state_dict, name)
+        prefix = name + "." if name else ""
+        for param in MEMORY_PARAMETERS:
+            if prefix + param not in state_dict:
+                state_dict[prefix + param] = getattr(self, param).detach().clone()
