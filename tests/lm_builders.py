@@ -1,0 +1,51 @@
+"""Build fairseq language models the way fairseq-train does, for tests."""
+
+import os
+from pathlib import Path
+
+import torch
+from fairseq import options, tasks
+from fairseq.data import Dictionary
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+PLUGIN = str(Path(__file__).resolve().parents[1] / "fairseq_memtrm")
+
+TINY = [
+    "--decoder-layers", "3", "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64",
+    "--decoder-attention-heads", "4", "--dropout", "0", "--attention-dropout", "0",
+]
+# the wiki103 layout (adaptive input + adaptive softmax, tied) at toy size
+WIKI103_TINY = TINY + ["--adaptive-input-cutoff", "20,40", "--adaptive-softmax-cutoff", "20,40",
+                       "--adaptive-softmax-dropout", "0", "--activation-dropout", "0"]
+
+
+def write_dictionary(directory, num_symbols=60) -> Dictionary:
+    """A dict.txt of ``num_symbols`` words (plus fairseq's 4 specials)."""
+    dictionary = Dictionary()
+    for i in range(num_symbols):
+        dictionary.add_symbol(f"w{i}", n=1000 - i)
+    os.makedirs(directory, exist_ok=True)
+    dictionary.save(os.path.join(directory, "dict.txt"))
+    return dictionary
+
+
+def build_model(data_dir, arch, extra=(), seed=1):
+    """(model, task) for ``--arch arch`` with fairseq's own argument parsing."""
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(
+        parser,
+        [str(data_dir), "--user-dir", PLUGIN, "--task", "language_modeling", "--arch", arch,
+         "--tokens-per-sample", "64", "--cpu", *extra],
+    )
+    cfg = convert_namespace_to_omegaconf(args)
+    task = tasks.setup_task(cfg.task)
+    torch.manual_seed(seed)
+    model = task.build_model(cfg.model)
+    model.eval()
+    return model, task
+
+
+def random_tokens(task, bsz, seq_len, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    nspecial = task.dictionary.nspecial
+    return torch.randint(nspecial, len(task.dictionary), (bsz, seq_len), generator=g)
