@@ -1,0 +1,215 @@
+"""``--task document_lm``: documents read in order, one stream per batch row.
+
+Follows fairseq's ``examples/truncated_bptt``: ``get_batch_iterator`` returns
+an ``EpochBatchIterator`` whose every item is a whole batch, with fairseq's
+shuffling turned off; documents are shuffled here, per epoch, from the seed
+(train only). See :mod:`fairseq_memtrm.data.document_streams` for the layout
+and a worked example of which rank reads which rows.
+
+Batches carry ``net_input`` = {src_tokens (B, T), src_lengths (B,),
+doc_start bool (B,), stream_id str} and ``target`` (B, T). ``stream_id`` is
+the split's name, so validation in the middle of training and
+fairseq-eval-lm keep their own memory and never touch the train streams'.
+
+Models whose ``forward`` does not name ``doc_start`` (e.g. a vanilla
+``transformer_lm``) get those two keys dropped before their forward runs, so
+they read the same segments as a baseline, without memory.
+
+Resuming from ``checkpoint_last.pt`` mid-epoch continues with the next batch
+of the same streams, but the kNN memory is not saved in checkpoints: it
+restarts empty and refills from the next segments on.
+"""
+
+import inspect
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from fairseq import utils
+from fairseq.data import Dictionary, data_utils, iterators
+from fairseq.dataclass import FairseqDataclass
+from fairseq.tasks import FairseqTask, register_task
+from omegaconf import II
+
+from fairseq_memtrm.data import DocumentDataset, DocumentStreamDataset
+from fairseq_memtrm.errors import MemtrmUserError
+
+logger = logging.getLogger(__name__)
+
+STREAM_KEYS = ("doc_start", "stream_id")
+
+
+@dataclass
+class DocumentLMConfig(FairseqDataclass):
+    data: str = field(
+        default="???",
+        metadata={"help": "data-bin folder from scripts/prepare_data.py (dict.txt, train/valid/test .bin/.idx)"},
+    )
+    tokens_per_sample: int = field(
+        default=512, metadata={"help": "segment length: tokens each row reads per batch"}
+    )
+    batch_size: Optional[int] = II("dataset.batch_size")
+    max_tokens: Optional[int] = II("dataset.max_tokens")
+    train_subset: str = II("dataset.train_subset")
+    seed: int = II("common.seed")
+    max_target_positions: Optional[int] = II("task.tokens_per_sample")
+    # transformer_lm's config reads task.add_bos_token; documents start with </s>.
+    add_bos_token: bool = field(
+        default=False, metadata={"help": "unsupported by document_lm (documents start with </s>); keep False"}
+    )
+
+
+def drop_stream_keys(module, args, kwargs):
+    """Forward pre-hook for models that do not know document streams."""
+    return args, {key: value for key, value in kwargs.items() if key not in STREAM_KEYS}
+
+
+@register_task("document_lm", dataclass=DocumentLMConfig)
+class DocumentLMTask(FairseqTask):
+    def __init__(self, cfg: DocumentLMConfig, dictionary: Dictionary):
+        super().__init__(cfg)
+        self.dictionary = dictionary
+        if cfg.tokens_per_sample <= 0:
+            raise MemtrmUserError(f"--tokens-per-sample must be positive, got {cfg.tokens_per_sample}")
+        if cfg.add_bos_token:
+            raise MemtrmUserError("--add-bos-token is not supported by --task document_lm; drop it")
+        self.streams_per_rank = self._streams_per_rank(cfg)
+
+    @staticmethod
+    def _streams_per_rank(cfg) -> int:
+        if cfg.batch_size:
+            return cfg.batch_size
+        if cfg.max_tokens and cfg.max_tokens >= cfg.tokens_per_sample:
+            return cfg.max_tokens // cfg.tokens_per_sample
+        raise MemtrmUserError(
+            "--task document_lm needs --batch-size B (B streams per rank, each reading its own "
+            "documents in order), or --max-tokens of at least --tokens-per-sample"
+        )
+
+    @classmethod
+    def setup_task(cls, cfg: DocumentLMConfig, **kwargs):
+        paths = utils.split_paths(cfg.data)
+        if not paths or not os.path.isfile(os.path.join(paths[0], "dict.txt")):
+            raise MemtrmUserError(
+                f"no dict.txt in {cfg.data!r}: pass the data-bin folder written by "
+                "scripts/prepare_data.py (e.g. data-bin/books)"
+            )
+        dictionary = Dictionary.load(os.path.join(paths[0], "dict.txt"))
+        logger.info("dictionary: %d types", len(dictionary))
+        return cls(cfg, dictionary)
+
+    def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs):
+        paths = utils.split_paths(self.cfg.data)
+        split_path = os.path.join(paths[(epoch - 1) % len(paths)], split)
+        lines = data_utils.load_indexed_dataset(split_path, self.dictionary, combine=combine)
+        if lines is None:
+            raise MemtrmUserError(
+                f"no binarized split {split!r} in {os.path.dirname(split_path)} (expected "
+                f"{split}.bin/{split}.idx); run scripts/prepare_data.py with that split"
+            )
+        self.datasets[split] = DocumentDataset(lines, split)
+        logger.info(
+            "%s %s: %d documents, %d tokens", self.cfg.data, split,
+            len(self.datasets[split]), self.datasets[split].total_tokens(),
+        )
+
+    def get_batch_iterator(
+        self,
+        dataset,
+        max_tokens=None,
+        max_sentences=None,
+        max_positions=None,
+        ignore_invalid_inputs=False,
+        required_batch_size_multiple=1,
+        seed=1,
+        num_shards=1,
+        shard_id=0,
+        num_workers=0,
+        epoch=1,
+        data_buffer_size=0,
+        disable_iterator_cache=False,
+        skip_remainder_batch=False,
+        grouped_shuffling=False,
+        update_epoch_batch_itr=False,
+        **kwargs,
+    ):
+        """One item per batch: fairseq batches nothing and shuffles nothing.
+        Ranks are served by the dataset (``num_shards``, ``shard_id``), not by
+        the iterator, so every rank gets its own streams and as many batches."""
+        if not isinstance(dataset, DocumentDataset):
+            raise MemtrmUserError("--task document_lm batches only its own document datasets")
+        streams = DocumentStreamDataset(
+            dataset,
+            tokens_per_sample=self.cfg.tokens_per_sample,
+            batch_size=max_sentences or self.streams_per_rank,
+            pad=self.dictionary.pad(),
+            eos=self.dictionary.eos(),
+            shuffle=dataset.split == self.cfg.train_subset,
+            seed=seed,
+            num_shards=num_shards,
+            shard_id=shard_id,
+        )
+        return iterators.EpochBatchIterator(
+            dataset=streams,
+            collate_fn=streams.collater,
+            batch_sampler=streams.batch_sampler,
+            num_workers=num_workers,
+            epoch=epoch,
+            buffer_size=data_buffer_size,
+            disable_shuffling=True,
+            skip_remainder_batch=skip_remainder_batch,
+        )
+
+    def eval_lm_dataloader(
+        self,
+        dataset,
+        max_tokens: Optional[int] = 36000,
+        batch_size: Optional[int] = None,
+        max_positions: Optional[int] = None,
+        num_shards: int = 1,
+        shard_id: int = 0,
+        num_workers: int = 1,
+        data_buffer_size: int = 10,
+        context_window: int = 0,
+    ):
+        if context_window > 0:
+            raise MemtrmUserError(
+                "--context-window does not apply to --task document_lm: every token is scored "
+                "once, with its document's earlier segments in the kNN memory; drop "
+                "--context-window (use --tokens-per-sample for the local window)"
+            )
+        if isinstance(max_positions, int) and self.cfg.tokens_per_sample > max_positions:
+            raise MemtrmUserError(
+                f"--tokens-per-sample {self.cfg.tokens_per_sample} exceeds the model's "
+                f"{max_positions} positions; use --tokens-per-sample {max_positions} or less"
+            )
+        return self.get_batch_iterator(
+            dataset,
+            max_sentences=batch_size,
+            num_shards=num_shards,
+            shard_id=shard_id,
+            num_workers=num_workers,
+            data_buffer_size=data_buffer_size,
+        ).next_epoch_itr(shuffle=False)
+
+    def build_model(self, cfg, from_checkpoint=False):
+        model = super().build_model(cfg, from_checkpoint)
+        if "doc_start" not in inspect.signature(model.forward).parameters:
+            model.register_forward_pre_hook(drop_stream_keys, with_kwargs=True)
+            logger.info(
+                "%s does not read document streams: doc_start/stream_id are dropped "
+                "before its forward (a baseline without memory)", type(model).__name__,
+            )
+        return model
+
+    def max_positions(self):
+        return self.cfg.tokens_per_sample
+
+    @property
+    def source_dictionary(self):
+        return self.dictionary
+
+    @property
+    def target_dictionary(self):
+        return self.dictionary
