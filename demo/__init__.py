@@ -1,0 +1,1 @@
+"""The Gradio demo: what the kNN memory retrieves for each token."""

@@ -1,0 +1,314 @@
+#!/usr/bin/env python
+"""Gradio app: see what the kNN memory retrieves for each token of a document.
+
+    python demo/app.py [--checkpoint CKPT] [--samples DIR] [--port 7860]
+
+A document (a sample, pasted text or an uploaded .txt/.py file) is read
+through the model segment by segment; every token is coloured by how much the
+memory helped it (loss without memory minus loss with memory). Clicking a
+token lists what the memory returned for it. Every run gets memory banks of its
+own (see ``report.build_report``), so sessions never see each other's text.
+"""
+
+import argparse
+import html
+import logging
+import os
+import sys
+import threading
+import uuid
+from typing import Dict, Optional
+
+if __package__ in (None, ""):  # run as `python demo/app.py`: make `demo` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import gradio as gr
+import numpy as np
+
+from demo.checkpoint import DEMO_CHECKPOINT, DemoModel, load_demo_model
+from demo.report import MAX_DOCUMENT_TOKENS, DocumentReport, build_report, token_details
+from fairseq_memtrm.errors import MemtrmUserError
+
+logger = logging.getLogger("demo.app")
+
+#: Standard library modules offered as samples: long, with names defined far above their use.
+STDLIB_SAMPLES = (
+    "argparse.py", "dataclasses.py", "typing.py", "inspect.py", "tarfile.py", "subprocess.py",
+    "textwrap.py", "bisect.py", "heapq.py", "shlex.py", "csv.py", "json/encoder.py",
+)
+TOKENS_PER_PAGE = 2000
+MEMORY_SIZES = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
+
+PAGE_JS = """
+element.addEventListener('click', (event) => {
+  const token = event.target.closest('[data-token]');
+  if (!token) return;
+  element.querySelectorAll('.tok.selected').forEach((t) => t.classList.remove('selected'));
+  token.classList.add('selected');
+  trigger('click', {token_index: parseInt(token.dataset.token, 10)});
+});
+"""
+PAGE_CSS = """
+.doc { font-family: ui-monospace, monospace; font-size: 13px; white-space: pre-wrap; line-height: 1.6; }
+.tok { cursor: pointer; border-radius: 2px; }
+.tok:hover { outline: 1px solid #555; }
+.tok.selected { outline: 2px solid #000; }
+"""
+
+
+def list_samples(samples_dir: Optional[str]) -> Dict[str, str]:
+    """Sample name -> path: stdlib modules, then every .txt/.py file in ``samples_dir``."""
+    stdlib = os.path.dirname(os.__file__)
+    samples = {
+        f"stdlib: {name}": os.path.join(stdlib, name)
+        for name in STDLIB_SAMPLES
+        if os.path.isfile(os.path.join(stdlib, name))
+    }
+    if samples_dir:
+        if not os.path.isdir(samples_dir):
+            raise MemtrmUserError(f"--samples {samples_dir}: not a directory")
+        for name in sorted(os.listdir(samples_dir)):
+            if name.endswith((".txt", ".py")):
+                samples[f"samples: {name}"] = os.path.join(samples_dir, name)
+    return samples
+
+
+def read_text_file(path: str) -> str:
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise MemtrmUserError(
+            f"{os.path.basename(path)} is not UTF-8 text (bad byte at offset {error.start}); "
+            "save it as UTF-8 and upload it again"
+        )
+
+
+def gain_colour(gain: float, scale: float = 2.0) -> str:
+    """Green where memory lowered the loss, red where it raised it; ``scale`` nats = full colour."""
+    if not np.isfinite(gain):
+        return "transparent"
+    alpha = min(abs(gain) / scale, 1.0) * 0.85
+    return f"rgba(34,160,70,{alpha:.2f})" if gain > 0 else f"rgba(220,50,40,{alpha:.2f})"
+
+
+def escape(text: str) -> str:
+    """HTML-escape, and neutralise the template syntax gr.HTML interprets (${...}, {{...}})."""
+    return html.escape(text).replace("$", "&#36;").replace("{", "&#123;").replace("}", "&#125;")
+
+
+class DemoApp:
+    def __init__(self, demo_model: DemoModel, samples: Dict[str, str]):
+        self.demo_model = demo_model
+        self.samples = samples
+        # One model object serves every session: forward passes take turns.
+        self.model_lock = threading.Lock()
+
+    # ----------------------------------------------------------- rendering
+    def render_page(self, report: DocumentReport, page: int) -> str:
+        start = page * TOKENS_PER_PAGE
+        end = min(start + TOKENS_PER_PAGE, report.num_tokens)
+        gain = report.memory_gain
+        spans = []
+        for index in range(start, end):
+            text = self.demo_model.token_text(int(report.token_ids[index]))
+            title = f"token {index}: memory gain {gain[index]:+.2f} nats" if np.isfinite(gain[index]) else f"token {index}"
+            spans.append(
+                f'<span class="tok" data-token="{index}" title="{title}" '
+                f'style="background:{gain_colour(gain[index])}">{escape(text)}</span>'
+            )
+        return f'<div class="doc">{"".join(spans)}</div>'
+
+    def summary_plots(self, report: DocumentReport):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        with_memory, without_memory = report.segment_losses()
+        loss_figure, axis = plt.subplots(figsize=(6, 3))
+        axis.plot(with_memory, label="with memory", marker=".")
+        axis.plot(without_memory, label="without memory", marker=".")
+        axis.set_xlabel("segment")
+        axis.set_ylabel("loss (nats/token)")
+        axis.set_title("Loss per segment")
+        axis.legend()
+        loss_figure.tight_layout()
+
+        distances, weights = report.retrieval_distances()
+        distance_figure, axis = plt.subplots(figsize=(6, 3))
+        if distances.size:
+            bins = np.unique(np.geomspace(1, max(distances.max(), 2), 40).astype(int))
+            axis.hist(distances, bins=bins, weights=weights)
+            axis.set_xscale("log")
+        axis.set_xlabel("distance (tokens back)")
+        axis.set_ylabel("attention weight")
+        axis.set_title("Retrieval distances")
+        distance_figure.tight_layout()
+        plt.close("all")
+        return loss_figure, distance_figure
+
+    # -------------------------------------------------------------- events
+    def load_document(self, source, sample, pasted, upload) -> str:
+        if source == "Sample":
+            if sample not in self.samples:
+                raise MemtrmUserError("choose a sample document")
+            return read_text_file(self.samples[sample])
+        if source == "Upload":
+            if not upload:
+                raise MemtrmUserError("upload a .txt or .py file first")
+            path = upload if isinstance(upload, str) else upload.name
+            if not path.endswith((".txt", ".py")):
+                raise MemtrmUserError("upload a .txt or .py file")
+            return read_text_file(path)
+        return pasted or ""
+
+    def run(self, source, sample, pasted, upload, memory_size, knn_k, session, request: gr.Request,
+            progress=gr.Progress()):
+        """Read the chosen document; returns status, page view, page control, plots, session."""
+        session = dict(session or {})
+        session.setdefault("stream_id", f"session-{getattr(request, 'session_hash', None) or uuid.uuid4().hex}")
+        try:
+            text = self.load_document(source, sample, pasted, upload)
+            if not text.strip():
+                raise MemtrmUserError("the document is empty: paste some text, upload a .txt/.py file or pick a sample")
+            token_ids = self.demo_model.encode(text)
+            progress(0, desc="reading the document")
+            report = build_report(
+                self.demo_model.model, token_ids,
+                segment_length=self.demo_model.segment_length,
+                memory_size=int(memory_size), knn_k=int(knn_k),
+                stream_id=session["stream_id"], lock=self.model_lock,
+                progress=lambda done, total, what: progress((done, total), desc=what, unit="segments"),
+            )
+        except MemtrmUserError as error:
+            return (f"**Error:** {error.message}", "", gr.update(), None, None, session)
+        session["report"] = report
+        pages = (report.num_tokens - 1) // TOKENS_PER_PAGE + 1
+        gain = report.memory_gain[1:]
+        status = (
+            f"Read **{report.num_tokens:,} tokens** in {len(report.segment_starts)} segments of "
+            f"{self.demo_model.segment_length} (memory {report.memory_size:,} tokens, k={report.knn_k}, "
+            f"layer {report.layer}). Mean loss {np.nanmean(report.loss_with_memory):.3f} nats with memory, "
+            f"{np.nanmean(report.loss_without_memory):.3f} without; memory helped "
+            f"{np.mean(gain > 0):.0%} of tokens. Click a token to see its retrievals."
+        )
+        loss_plot, distance_plot = self.summary_plots(report)
+        return (
+            status, self.render_page(report, 0),
+            gr.update(minimum=1, maximum=pages, value=1, step=1, interactive=pages > 1),
+            loss_plot, distance_plot, session,
+        )
+
+    def show_page(self, page, session):
+        report = (session or {}).get("report")
+        if report is None:
+            return ""
+        return self.render_page(report, int(page) - 1)
+
+    def select_token(self, session, event: gr.EventData):
+        """A click on token ``event.token_index``: its retrieval table and gates."""
+        report = (session or {}).get("report")
+        index = getattr(event, "token_index", None)
+        if index is None:
+            index = (getattr(event, "_data", None) or {}).get("token_index")
+        if report is None or index is None:
+            return "Read a document, then click a token.", None, None
+        try:
+            details = token_details(report, int(index), self.demo_model.token_text)
+        except MemtrmUserError as error:
+            return f"**Error:** {error.message}", None, None
+        header = (
+            f"Token {details.index} `{details.token!r}`: loss {details.loss_with_memory:.3f} nats with memory, "
+            f"{details.loss_without_memory:.3f} without. "
+            + (f"{len(details.entries)} memory entries (layer {report.layer})." if details.entries
+               else "Nothing retrieved (the first segment has an empty memory).")
+        )
+        rows = [
+            [rank + 1, entry.left_context, entry.token, entry.right_context, entry.distance,
+             round(entry.score, 3), round(entry.weight, 4), ",".join(map(str, entry.heads))]
+            for rank, entry in enumerate(details.entries)
+        ]
+        gates = [[head, round(g, 3), round(1 - g, 3)] for head, g in enumerate(details.gates)]
+        return header, rows, gates
+
+    # ------------------------------------------------------------------ UI
+    def build(self) -> gr.Blocks:
+        with gr.Blocks(title="Memorizing Transformer: what does the memory retrieve?") as blocks:
+            gr.Markdown(
+                "# What does the kNN memory retrieve?\n"
+                f"Model: `{os.path.basename(self.demo_model.checkpoint)}`. Each token is coloured by "
+                "**loss without memory − loss with memory**: green where the memory helped, red where it "
+                f"hurt. Documents up to {MAX_DOCUMENT_TOKENS:,} tokens."
+            )
+            session = gr.State({})
+            with gr.Row():
+                with gr.Column(scale=2):
+                    source = gr.Radio(["Sample", "Paste", "Upload"], value="Sample", label="Document")
+                    sample = gr.Dropdown(list(self.samples), value=next(iter(self.samples), None),
+                                         label="Sample document", elem_id="sample-choice")
+                    pasted = gr.Textbox(label="Pasted text", lines=4, elem_id="pasted-text")
+                    upload = gr.File(label="Upload a .txt or .py file", file_types=[".txt", ".py"], type="filepath")
+                with gr.Column(scale=1):
+                    memory_size = gr.Dropdown(MEMORY_SIZES, value=4096, label="Memory size (tokens)",
+                                              elem_id="memory-size")
+                    knn_k = gr.Slider(1, 64, value=32, step=1, label="k (entries retrieved per head)",
+                                      elem_id="knn-k")
+                    run_button = gr.Button("Read the document", variant="primary", elem_id="run-button")
+            status = gr.Markdown(elem_id="status")
+            page = gr.Slider(1, 1, value=1, step=1, label="Page", interactive=False)
+            document_view = gr.HTML("", js_on_load=PAGE_JS, css_template=PAGE_CSS, elem_id="document-view",
+                                    max_height=520)
+            token_header = gr.Markdown(elem_id="token-header")
+            retrieval_table = gr.Dataframe(
+                headers=["rank", "before", "retrieved token", "after", "distance (tokens)", "similarity",
+                         "attention weight", "heads"],
+                label="Top-k memory entries (merged over heads)", elem_id="retrieval-table",
+                interactive=False, wrap=True,
+            )
+            gate_table = gr.Dataframe(headers=["head", "to memory (gate)", "to local context"],
+                                      label="Per-head gates", elem_id="gate-table", interactive=False)
+            with gr.Row():
+                loss_plot = gr.Plot(label="Loss per segment", elem_id="loss-plot")
+                distance_plot = gr.Plot(label="Retrieval distances", elem_id="distance-plot")
+
+            run_button.click(
+                self.run,
+                inputs=[source, sample, pasted, upload, memory_size, knn_k, session],
+                outputs=[status, document_view, page, loss_plot, distance_plot, session],
+                concurrency_limit=4,
+            )
+            page.change(self.show_page, inputs=[page, session], outputs=document_view)
+            document_view.click(self.select_token, inputs=[session],
+                                outputs=[token_header, retrieval_table, gate_table])
+        return blocks
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Gradio demo of the kNN memory's retrievals")
+    parser.add_argument("--checkpoint", default=DEMO_CHECKPOINT, help="a local memorizing_transformer_lm checkpoint")
+    parser.add_argument("--data", default=None, help="directory with dict.txt and spm.model (default: "
+                        "next to the checkpoint, then its data-bin)")
+    parser.add_argument("--spm-model", default=None, help="SentencePiece model (default: DATA/spm.model)")
+    parser.add_argument("--samples", default=None, help="folder of .txt/.py documents to offer as samples")
+    parser.add_argument("--segment-length", type=int, default=None,
+                        help="tokens per segment (default: the checkpoint's --tokens-per-sample)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--cpu", action="store_true", help="run on CPU even where CUDA is present")
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO)
+    try:
+        samples = list_samples(args.samples)
+        demo_model = load_demo_model(args.checkpoint, args.data, args.spm_model, args.segment_length, args.cpu)
+    except MemtrmUserError as error:
+        raise SystemExit(f"demo/app.py: error: {error.message}")
+    blocks = DemoApp(demo_model, samples).build()
+    print(f"Memorizing Transformer demo: http://{args.host}:{args.port}", flush=True)
+    blocks.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port,
+                                                     show_error=False, theme=gr.themes.Soft())
+
+
+if __name__ == "__main__":
+    main()

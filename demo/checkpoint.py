@@ -1,0 +1,115 @@
+"""Load a memorizing checkpoint and its tokenizer for the demo.
+
+A checkpoint of this plugin is read with everything it needs to turn text into
+the token ids it was trained on: the fairseq dictionary (``dict.txt``) and the
+SentencePiece model (``spm.model``), both found next to the checkpoint (the
+demo assets) or in its data-bin. Documents are encoded the way
+``fairseq-preprocess`` binarizes a file: each line becomes its pieces plus
+``</s>``, so a line break is an end-of-sentence token.
+"""
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+import fairseq_memtrm  # noqa: F401  (fills fairseq's registries)
+from fairseq_memtrm.errors import MemtrmUserError
+
+logger = logging.getLogger(__name__)
+
+DEMO_ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+DEMO_CHECKPOINT = os.path.join(DEMO_ASSETS, "demo_model.pt")
+SPM_NAMES = ("spm.model", "sentencepiece.bpe.model", "spm.bpe.model")
+SPACE = "\u2581"  # SentencePiece's word-boundary mark
+
+
+@dataclass
+class DemoModel:
+    model: torch.nn.Module
+    dictionary: object  # fairseq Dictionary
+    spm: object  # sentencepiece.SentencePieceProcessor
+    segment_length: int
+    checkpoint: str
+
+    def encode(self, text: str) -> List[int]:
+        """Document text -> token ids: per line, its pieces then ``</s>``."""
+        ids: List[int] = []
+        for line in text.splitlines():
+            pieces = self.spm.encode(line, out_type=str)
+            ids.extend(self.dictionary.index(piece) for piece in pieces)
+            ids.append(self.dictionary.eos())
+        return ids
+
+    def token_text(self, token_id: int) -> str:
+        """How one token reads in the document: spaces restored, ``</s>`` a line break."""
+        if token_id == self.dictionary.eos():
+            return "\n"
+        piece = self.dictionary[token_id]
+        if piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece byte fallback
+            byte = int(piece[3:-1], 16)
+            return chr(byte) if 32 <= byte < 127 or byte == 9 else piece
+        return piece.replace(SPACE, " ")
+
+
+def is_local_file(path: str) -> bool:
+    return "://" not in path and os.path.isfile(path)
+
+
+def _find_assets(checkpoint: str, cfg, data: Optional[str], spm_model: Optional[str]):
+    """The directory holding dict.txt and the SentencePiece model."""
+    candidates = [data] if data else [os.path.dirname(os.path.abspath(checkpoint)), cfg.task.data]
+    data_dir = next((d for d in candidates if d and os.path.isfile(os.path.join(d, "dict.txt"))), None)
+    if data_dir is None:
+        raise MemtrmUserError(
+            f"no dict.txt next to {checkpoint} nor in its data-bin {cfg.task.data!r}; "
+            "pass --data DATA_BIN (the directory prepare_data.py wrote)"
+        )
+    if spm_model is None:
+        spm_model = next(
+            (os.path.join(data_dir, n) for n in SPM_NAMES if os.path.isfile(os.path.join(data_dir, n))), None
+        )
+    if spm_model is None or not os.path.isfile(spm_model):
+        raise MemtrmUserError(f"no SentencePiece model in {data_dir}; pass --spm-model SPM.model")
+    return data_dir, spm_model
+
+
+def load_demo_model(
+    checkpoint: str = DEMO_CHECKPOINT,
+    data: Optional[str] = None,
+    spm_model: Optional[str] = None,
+    segment_length: Optional[int] = None,
+    cpu: bool = False,
+) -> DemoModel:
+    """Load ``checkpoint`` (a local file only; fp16 checkpoints are upcast to fp32
+    on CPU) with its dictionary and SentencePiece model."""
+    import sentencepiece
+    from fairseq import checkpoint_utils
+
+    if not is_local_file(checkpoint):
+        raise MemtrmUserError(
+            f"checkpoint {checkpoint!r} is not a local file; the demo loads only local checkpoints "
+            "(run `make demo-model` or train one with fairseq-train)"
+        )
+    state = checkpoint_utils.load_checkpoint_to_cpu(checkpoint)
+    cfg = state.get("cfg")
+    if cfg is None or "memorizing" not in str(cfg.model.get("_name", "")):
+        raise MemtrmUserError(
+            f"{checkpoint} is not a memorizing_transformer_lm checkpoint; fine-tune one with "
+            "--arch memorizing_transformer_lm_* first"
+        )
+    data_dir, spm_model = _find_assets(checkpoint, cfg, data, spm_model)
+    with_data = {"data": data_dir}
+    checkpoint_utils.overwrite_args_by_name(cfg, with_data)
+    cfg.common.user_dir = None  # the plugin is imported above; a stored path may not exist here
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task([checkpoint], with_data, state=state)
+    model = models[0].float()
+    if torch.cuda.is_available() and not cpu:
+        model = model.cuda()
+    model.eval()
+    processor = sentencepiece.SentencePieceProcessor(model_file=spm_model)
+    tokens_per_sample = int(cfg.task.get("tokens_per_sample", 512) or 512)
+    logger.info("loaded %s (memory layers %s) with %s", checkpoint, model.memory_layer_ids, spm_model)
+    return DemoModel(model, task.target_dictionary, processor, segment_length or tokens_per_sample, checkpoint)

@@ -1,0 +1,325 @@
+"""The retrieval report: what the kNN memory retrieved for every token of a document.
+
+``build_report`` reads one document through a memorizing model the way the
+``document_lm`` task feeds it: segment by segment, one stream, ``doc_start``
+True on the first segment only, a ``stream_id`` of its own. It reads the
+document twice:
+
+* with memory (a fresh :class:`MemoryBank` of ``memory_size`` tokens, top
+  ``knn_k``), recording what the report layer retrieved for every query;
+* without memory (a bank of size 0, so every memory layer is plain local
+  attention), for the per-token loss difference "how much the memory helped".
+
+Alignment. Token ``t`` is predicted by the query at position ``t - 1``; the
+report for token ``t`` is that query's retrieval and the loss of ``t``. A
+memory entry at document position ``p`` holds the key/value computed while
+reading token ``p``; its *distance* is ``(t - 1) - p`` tokens back.
+
+Entries are merged over heads: an entry's *weight* is the share of the layer's
+attention output that came from it, ``sum_h gate_h * p_h(entry) / H``, where
+``p_h`` is head h's softmax weight over its top-k and ``gate_h`` its memory
+gate; its *score* is the best cosine similarity any head gave it.
+"""
+
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fairseq_memtrm.errors import MemtrmUserError
+from fairseq_memtrm.memory import MemoryBank
+
+#: Longest document the demo reads: 300K tokens is ~10 minutes of CPU and ~100 MB of report.
+MAX_DOCUMENT_TOKENS = 300_000
+
+ProgressCallback = Callable[[int, int, str], None]
+
+
+@dataclass
+class DocumentReport:
+    """Per-token results for a document of ``N`` tokens; ``K`` = knn_k, ``H`` = heads."""
+
+    token_ids: np.ndarray  # (N,) int64
+    loss_with_memory: np.ndarray  # (N,) float32 nats; NaN at 0 (nothing predicts it)
+    loss_without_memory: np.ndarray  # (N,) float32 nats
+    entry_positions: np.ndarray  # (N, K) int32 document position, -1 = no entry
+    entry_scores: np.ndarray  # (N, K) float32 cosine similarity (best head)
+    entry_weights: np.ndarray  # (N, K) float32 share of the layer output, sorted descending
+    entry_heads: np.ndarray  # (N, K) int64 bit h set when head h retrieved the entry
+    gates: np.ndarray  # (N, H) float32 memory gate per head; 0 where nothing was retrieved
+    segment_starts: np.ndarray  # (S,) int64 first token of each segment
+    layer: int  # decoder layer the retrievals come from
+    memory_size: int
+    knn_k: int
+    stream_id: str = ""
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    @property
+    def memory_gain(self) -> np.ndarray:
+        """(N,) loss without memory minus loss with memory: > 0 where memory helped."""
+        return self.loss_without_memory - self.loss_with_memory
+
+    def segment_losses(self) -> tuple:
+        """Mean loss per segment: (with memory (S,), without memory (S,))."""
+        bounds = list(self.segment_starts) + [self.num_tokens]
+        with_memory, without_memory = [], []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            start = max(start, 1)  # token 0 has no loss
+            with_memory.append(np.nanmean(self.loss_with_memory[start:end]) if end > start else np.nan)
+            without_memory.append(np.nanmean(self.loss_without_memory[start:end]) if end > start else np.nan)
+        return np.array(with_memory), np.array(without_memory)
+
+    def retrieval_distances(self) -> tuple:
+        """Distances (tokens back) of all retrieved entries and their weights, flat."""
+        valid = self.entry_positions >= 0
+        query_positions = np.arange(self.num_tokens)[:, None] - 1
+        distances = (query_positions - self.entry_positions)[valid]
+        return distances, self.entry_weights[valid]
+
+
+@dataclass
+class MemoryEntry:
+    """One retrieved entry, ready to display."""
+
+    position: int  # document position of the retrieved token
+    distance: int  # tokens back from the query
+    score: float
+    weight: float
+    heads: List[int]
+    token: str  # the retrieved token
+    left_context: str
+    right_context: str  # starts with the token that followed it (what a copy would predict)
+
+
+@dataclass
+class TokenDetails:
+    index: int
+    token: str
+    loss_with_memory: float
+    loss_without_memory: float
+    entries: List[MemoryEntry] = field(default_factory=list)
+    gates: List[float] = field(default_factory=list)  # per head: share of output from memory
+
+
+def check_document(token_ids: Sequence[int], max_tokens: int = MAX_DOCUMENT_TOKENS) -> None:
+    """Refuse documents the demo cannot read, with a message that names the fix."""
+    if len(token_ids) < 2:
+        raise MemtrmUserError("the document is empty: paste some text, upload a .txt/.py file or pick a sample")
+    if len(token_ids) > max_tokens:
+        raise MemtrmUserError(
+            f"the document has {len(token_ids):,} tokens; the demo reads at most {max_tokens:,}: "
+            "cut it or upload a part of it"
+        )
+
+
+@contextmanager
+def _bound(model, bank: MemoryBank, knn_k: int, record: bool):
+    """Give ``model`` this run's memory bank and k for one forward pass.
+
+    The model object is shared by every browser session, so the caller holds
+    the model lock; everything is restored afterwards."""
+    saved_bank = model.memory_bank
+    attentions = model.memory_attentions()
+    saved_k = [attention.knn_k for attention in attentions]
+    model.memory_bank = bank
+    model.set_record_retrievals(record)
+    for attention in attentions:
+        attention.knn_k = knn_k
+    try:
+        yield
+    finally:
+        model.memory_bank = saved_bank
+        model.set_record_retrievals(False)
+        for attention, k in zip(attentions, saved_k):
+            attention.knn_k = k
+
+
+def _token_losses(model, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(1, T, V) logits and (1, T) targets -> (T,) negative log-likelihoods in nats."""
+    log_probs = model.get_normalized_probs((logits, None), log_probs=True).float()
+    return -log_probs[0].gather(-1, target[0].unsqueeze(-1)).squeeze(-1)
+
+
+def merge_heads(positions, scores, probs, gate, top_k: int):
+    """Merge one segment's per-head retrievals into per-token entries.
+
+    Args: ``positions`` (H, T, k) int64 (-1 invalid), ``scores`` (H, T, k),
+    ``probs`` (H, T, k) softmax over each head's top-k, ``gate`` (H, T).
+    Returns (T, top_k) tensors ``positions``, ``scores``, ``weights``, ``heads``
+    (bitmask), sorted by weight, descending; missing entries have position -1.
+    """
+    heads, seq_len, k = positions.shape
+    flat_positions = positions.permute(1, 0, 2).reshape(seq_len, heads * k)
+    flat_scores = scores.permute(1, 0, 2).reshape(seq_len, heads * k).float()
+    flat_weights = (probs * gate.unsqueeze(-1) / heads).permute(1, 0, 2).reshape(seq_len, heads * k).float()
+    head_bits = (1 << torch.arange(heads, dtype=torch.int64)).repeat_interleave(k).to(positions.device)
+    valid = flat_positions >= 0
+    # same[t, i, j]: candidates i and j of token t are the same document position
+    same = (flat_positions.unsqueeze(2) == flat_positions.unsqueeze(1)) & valid.unsqueeze(2) & valid.unsqueeze(1)
+    merged_weights = (same * flat_weights.unsqueeze(1)).sum(-1)
+    merged_scores = flat_scores.unsqueeze(1).expand(-1, heads * k, -1).masked_fill(~same, float("-inf")).amax(-1)
+    merged_heads = (same * head_bits.view(1, 1, -1)).sum(-1)  # each head lists a position once
+    first = valid & ~torch.tril(same, diagonal=-1).any(-1)  # keep one candidate per position
+    rank_key = merged_weights.masked_fill(~first, -1.0)
+    top_k = min(top_k, heads * k)
+    order = rank_key.topk(top_k, dim=-1).indices
+    kept = rank_key.gather(1, order) >= 0
+    return (
+        flat_positions.gather(1, order).masked_fill(~kept, -1),
+        merged_scores.gather(1, order).masked_fill(~kept, float("nan")),
+        merged_weights.gather(1, order).masked_fill(~kept, 0.0),
+        merged_heads.gather(1, order).masked_fill(~kept, 0),
+    )
+
+
+def _store_retrievals(record, knn_k: int, first_token: int, arrays) -> None:
+    """Merge a segment's retrievals over heads into ``arrays`` (positions,
+    scores, weights, heads), rows from ``first_token`` on, a few queries at a
+    time: the merge compares every pair of a token's H*k candidates."""
+    retrieval = record.retrieval
+    heads, seq_len, k = retrieval.positions[0].shape
+    chunk = max(1, (1 << 22) // (heads * k) ** 2)
+    for lo in range(0, seq_len, chunk):
+        hi = min(lo + chunk, seq_len)
+        merged = merge_heads(
+            retrieval.positions[0, :, lo:hi], retrieval.scores[0, :, lo:hi],
+            record.memory_probs[0, :, lo:hi], record.gate[0, :, lo:hi], knn_k,
+        )
+        for array, values in zip(arrays, merged):
+            array[first_token + lo : first_token + hi, : values.size(1)] = values.cpu().numpy()
+
+
+@torch.no_grad()
+def build_report(
+    model,
+    token_ids: Sequence[int],
+    *,
+    segment_length: int,
+    memory_size: int,
+    knn_k: int,
+    stream_id: str,
+    layer: Optional[int] = None,
+    lock: Optional[threading.Lock] = None,
+    progress: Optional[ProgressCallback] = None,
+    max_tokens: int = MAX_DOCUMENT_TOKENS,
+) -> DocumentReport:
+    """Read ``token_ids`` (N,) through ``model`` with and without memory.
+
+    ``layer``: the memory layer to report (default: the first one). ``lock``
+    serialises forward passes when several sessions share ``model``; it is
+    taken per segment, so concurrent sessions take turns. ``progress(done,
+    total, what)`` is called after every segment.
+    """
+    check_document(token_ids, max_tokens)
+    if segment_length < 1:
+        raise MemtrmUserError(f"the segment length must be >= 1, got {segment_length}")
+    if memory_size < 0 or knn_k < 1:
+        raise MemtrmUserError(f"memory size must be >= 0 and k >= 1, got {memory_size} and {knn_k}")
+    layer = model.memory_layer_ids[0] if layer is None else layer
+    if layer not in model.memory_layer_ids:
+        raise MemtrmUserError(f"layer {layer} has no memory; memory layers: {model.memory_layer_ids}")
+    attention = model.memory_attentions()[model.memory_layer_ids.index(layer)]
+    heads = attention.num_heads
+    lock = lock or threading.Lock()
+    device = next(model.parameters()).device
+    tokens = torch.as_tensor(np.asarray(token_ids), dtype=torch.long)
+    num_tokens = tokens.numel()
+    starts = list(range(0, num_tokens - 1, segment_length))
+
+    loss_with = np.full(num_tokens, np.nan, dtype=np.float32)
+    loss_without = np.full(num_tokens, np.nan, dtype=np.float32)
+    positions = np.full((num_tokens, knn_k), -1, dtype=np.int32)
+    scores = np.full((num_tokens, knn_k), np.nan, dtype=np.float32)
+    weights = np.zeros((num_tokens, knn_k), dtype=np.float32)
+    head_bits = np.zeros((num_tokens, knn_k), dtype=np.int64)
+    gates = np.zeros((num_tokens, heads), dtype=np.float32)
+
+    model.eval()
+    banks = {
+        "memory": MemoryBank(model.memory_bank.layers, memory_size, model.memory_bank.dtype, model.memory_bank.backend),
+        "no memory": MemoryBank(model.memory_bank.layers, 0, model.memory_bank.dtype, model.memory_bank.backend),
+    }
+    total = 2 * len(starts)
+    for run, (name, bank) in enumerate(banks.items()):
+        for index, start in enumerate(starts):
+            source = tokens[start : start + segment_length].unsqueeze(0).to(device)
+            target = tokens[start + 1 : start + segment_length + 1].unsqueeze(0).to(device)
+            source = source[:, : target.size(1)]  # the last segment stops at the last prediction
+            doc_start = torch.tensor([index == 0], device=device)
+            with lock, _bound(model, bank, knn_k, record=name == "memory"):
+                logits, _ = model(source, doc_start=doc_start, stream_id=f"{stream_id}/{name}")
+                record = attention.last_record
+            seq_len = source.size(1)
+            predicted = slice(start + 1, start + 1 + seq_len)  # query at t predicts token t + 1
+            losses = _token_losses(model, logits, target).cpu().numpy()
+            if name == "memory":
+                loss_with[predicted] = losses
+                if record is not None:
+                    _store_retrievals(record, knn_k, start + 1, (positions, scores, weights, head_bits))
+                    gates[predicted] = record.gate[0].t().float().cpu().numpy()
+            else:
+                loss_without[predicted] = losses
+            if progress is not None:
+                progress(run * len(starts) + index + 1, total, f"reading {name}")
+    return DocumentReport(
+        token_ids=tokens.numpy(),
+        loss_with_memory=loss_with,
+        loss_without_memory=loss_without,
+        entry_positions=positions,
+        entry_scores=scores,
+        entry_weights=weights,
+        entry_heads=head_bits,
+        gates=gates,
+        segment_starts=np.array(starts, dtype=np.int64),
+        layer=layer,
+        memory_size=memory_size,
+        knn_k=knn_k,
+        stream_id=stream_id,
+    )
+
+
+def token_details(
+    report: DocumentReport, index: int, token_text: Callable[[int], str], context: int = 5
+) -> TokenDetails:
+    """What the memory gave token ``index``: its entries with ``context`` tokens
+    either side (decoded by ``token_text(token_id)``) and the per-head gates."""
+    if not 0 <= index < report.num_tokens:
+        raise MemtrmUserError(f"token {index} is outside the document (0..{report.num_tokens - 1})")
+
+    def text(lo: int, hi: int) -> str:
+        lo, hi = max(lo, 0), min(hi, report.num_tokens)
+        return "".join(token_text(int(t)) for t in report.token_ids[lo:hi])
+
+    entries = []
+    for slot in range(report.entry_positions.shape[1]):
+        position = int(report.entry_positions[index, slot])
+        if position < 0:
+            continue
+        bits = int(report.entry_heads[index, slot])
+        entries.append(
+            MemoryEntry(
+                position=position,
+                distance=(index - 1) - position,
+                score=float(report.entry_scores[index, slot]),
+                weight=float(report.entry_weights[index, slot]),
+                heads=[h for h in range(report.gates.shape[1]) if bits >> h & 1],
+                token=text(position, position + 1),
+                left_context=text(position - context, position),
+                right_context=text(position + 1, position + 1 + context),
+            )
+        )
+    return TokenDetails(
+        index=index,
+        token=text(index, index + 1),
+        loss_with_memory=float(report.loss_with_memory[index]),
+        loss_without_memory=float(report.loss_without_memory[index]),
+        entries=entries,
+        gates=[float(g) for g in report.gates[index]],
+    )

@@ -1,0 +1,200 @@
+"""The demo's retrieval report, checked against brute force on a model whose
+retrievals are known: layer 0 has memory, there are no position embeddings
+and its query and key projections are equal, so a query's best match is
+exactly an earlier occurrence of the same token (cosine 1)."""
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from fairseq import options, tasks
+from fairseq.data import Dictionary
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+from demo.app import gain_colour, list_samples, read_text_file
+from demo.checkpoint import DEMO_CHECKPOINT, load_demo_model
+from demo.report import build_report, check_document, merge_heads, token_details
+from fairseq_memtrm.errors import MemtrmUserError
+
+PLUGIN = str(Path(__file__).resolve().parents[1] / "fairseq_memtrm")
+FILLER_SYMBOLS = 40  # filler draws from these; the planted phrase uses the next 20, once each
+PLANTED = 20
+HEADS = 4
+
+
+@pytest.fixture(scope="module")
+def same_token_model(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("dict")
+    dictionary = Dictionary()
+    for i in range(FILLER_SYMBOLS + PLANTED):
+        dictionary.add_symbol(f"w{i}", n=1000 - i)
+    dictionary.save(str(directory / "dict.txt"))
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [
+        str(directory), "--user-dir", PLUGIN, "--task", "language_modeling",
+        "--arch", "memorizing_transformer_lm_tiny", "--tokens-per-sample", "64", "--cpu",
+        "--decoder-layers", "2", "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64",
+        "--decoder-attention-heads", str(HEADS), "--dropout", "0", "--attention-dropout", "0",
+        "--no-token-positional-embeddings", "--memory-layers", "0", "--memory-size", "1024",
+    ])
+    cfg = convert_namespace_to_omegaconf(args)
+    task = tasks.setup_task(cfg.task)
+    torch.manual_seed(0)
+    model = task.build_model(cfg.model).eval()
+    attention = model.memory_attentions()[0]
+    with torch.no_grad():
+        attention.k_proj.weight.copy_(attention.q_proj.weight)
+        attention.k_proj.bias.copy_(attention.q_proj.bias)
+    return model, task.dictionary
+
+
+def planted_document(dictionary, length=400, source=10, repeat=330, seed=0):
+    """Random filler with the same 20 unique tokens at ``source`` and at ``repeat``."""
+    rng = np.random.default_rng(seed)
+    first = dictionary.nspecial
+    tokens = rng.integers(first, first + FILLER_SYMBOLS, size=length)
+    phrase = np.arange(first + FILLER_SYMBOLS, first + FILLER_SYMBOLS + PLANTED)
+    tokens[source : source + PLANTED] = phrase
+    tokens[repeat : repeat + PLANTED] = phrase
+    return tokens
+
+
+def report_for(model, tokens, **overrides):
+    settings = dict(segment_length=64, memory_size=1024, knn_k=4, stream_id="test")
+    settings.update(overrides)
+    return build_report(model, tokens.tolist(), **settings)
+
+
+def test_the_planted_repeats_source_is_the_top_retrieval(same_token_model):
+    model, dictionary = same_token_model
+    source, repeat = 10, 330
+    report = report_for(model, planted_document(dictionary, source=source, repeat=repeat))
+    for offset in range(1, PLANTED + 1):
+        # token repeat+offset is predicted by the query at repeat+offset-1,
+        # whose own token first appeared at source+offset-1
+        details = token_details(report, repeat + offset, str)
+        top = details.entries[0]
+        assert top.position == source + offset - 1
+        assert top.distance == repeat - source
+        assert top.score == pytest.approx(1.0, abs=1e-4)
+        assert set(top.heads) == set(range(HEADS))  # every head agrees
+
+
+def test_scores_and_positions_equal_brute_force_cosine(same_token_model):
+    model, dictionary = same_token_model
+    tokens = planted_document(dictionary, seed=1)
+    report = report_for(model, tokens, knn_k=3)
+    attention = model.memory_attentions()[0]
+    with torch.no_grad():
+        embedded = model.decoder.embed_scale * model.decoder.embed_tokens(torch.as_tensor(tokens))
+        layer_input = model.decoder.layers[0].self_attn_layer_norm(embedded)  # pre-norm layers
+        split = lambda x: F.normalize(x.view(len(tokens), HEADS, -1).transpose(0, 1), dim=-1)  # (H, N, D)
+        queries, keys = split(attention.q_proj(layer_input)), split(attention.k_proj(layer_input))
+    for index in (70, 150, 260, 399):  # queries in segments 1..6
+        query_position = index - 1
+        memory_end = (query_position // 64) * 64  # earlier segments only
+        cosine = torch.einsum("hd,hnd->hn", queries[:, query_position], keys[:, :memory_end])
+        details = token_details(report, index, str)
+        for entry in details.entries:
+            expected = max(float(cosine[h, entry.position]) for h in entry.heads)
+            assert entry.score == pytest.approx(expected, abs=1e-4)
+        # an entry listed for head h is in h's brute-force top-k; the best entry is the best match
+        kth_best = cosine.topk(3, dim=1).values[:, -1]
+        for entry in details.entries:
+            assert all(float(cosine[h, entry.position]) >= float(kth_best[h]) - 1e-4 for h in entry.heads)
+        assert all(sum(h in e.heads for e in details.entries) <= 3 for h in range(HEADS))
+        weights = [e.weight for e in details.entries]
+        assert weights == sorted(weights, reverse=True)
+        assert sum(weights) <= np.mean(details.gates) + 1e-5
+
+
+def test_losses_first_segment_and_memory_off(same_token_model):
+    model, dictionary = same_token_model
+    tokens = planted_document(dictionary, seed=2)
+    report = report_for(model, tokens)
+    # nothing predicts token 0; the first segment has an empty memory: no gain, no entries
+    assert np.isnan(report.loss_with_memory[0]) and np.isnan(report.loss_without_memory[0])
+    np.testing.assert_allclose(report.loss_with_memory[1:65], report.loss_without_memory[1:65], atol=1e-5)
+    assert (report.entry_positions[:65] == -1).all() and (report.gates[:65] == 0).all()
+    assert (report.entry_positions[65:, 0] >= 0).all()
+    # without memory = the plain decoder, segment by segment
+    for start in (0, 64, 320):
+        source = torch.as_tensor(tokens[start : start + 64]).unsqueeze(0)
+        with torch.no_grad():
+            log_probs = model.get_normalized_probs(model.decoder(source), log_probs=True)[0]
+        target = torch.as_tensor(tokens[start + 1 : start + 65])
+        expected = -log_probs[: len(target)].gather(1, target.unsqueeze(1)).squeeze(1)
+        np.testing.assert_allclose(
+            report.loss_without_memory[start + 1 : start + 1 + len(target)], expected.numpy(), atol=1e-4
+        )
+    with_memory, without_memory = report.segment_losses()
+    assert len(with_memory) == len(report.segment_starts) == 7
+
+
+def test_small_memory_forgets_far_entries(same_token_model):
+    model, dictionary = same_token_model
+    report = report_for(model, planted_document(dictionary, seed=3), memory_size=128)
+    distances, weights = report.retrieval_distances()
+    # a query at t searches entries written before its segment: at most memory_size + segment - 1 back
+    assert distances.min() >= 0 and distances.max() <= 128 + 63
+    assert distances.size == weights.size > 0
+    # the planted source (320 tokens back) has been evicted, so it is not retrieved
+    assert all(e.position > 100 for e in token_details(report, 335, str).entries)
+
+
+def test_concurrent_sessions_never_share_memory(same_token_model):
+    """Two sessions read different documents at the same time through one model:
+    each gets exactly what it gets alone."""
+    model, dictionary = same_token_model
+    documents = [planted_document(dictionary, seed=10), planted_document(dictionary, seed=11)[::-1].copy()]
+    alone = [report_for(model, d, stream_id=f"alone-{i}") for i, d in enumerate(documents)]
+    lock, together = threading.Lock(), [None, None]
+
+    def read(i):
+        together[i] = report_for(model, documents[i], stream_id=f"session-{i}", lock=lock)
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for solo, shared in zip(alone, together):
+        np.testing.assert_array_equal(solo.entry_positions, shared.entry_positions)
+        np.testing.assert_allclose(solo.loss_with_memory, shared.loss_with_memory, atol=1e-6)
+
+
+def test_merge_heads_sums_weights_of_a_shared_entry():
+    # 2 heads, 1 token, k=2: both heads retrieve position 7; head 1 also 3
+    positions = torch.tensor([[[7, -1]], [[3, 7]]])
+    scores = torch.tensor([[[0.9, float("-inf")]], [[0.8, 0.5]]])
+    probs = torch.tensor([[[1.0, 0.0]], [[0.5, 0.5]]])
+    gate = torch.tensor([[0.5], [1.0]])
+    merged_positions, merged_scores, merged_weights, merged_heads = merge_heads(positions, scores, probs, gate, 4)
+    assert merged_positions[0].tolist() == [7, 3, -1, -1]
+    np.testing.assert_allclose(merged_weights[0].numpy(), [0.5, 0.25, 0, 0])  # (.5*1 + 1*.5)/2 ; 1*.5/2
+    np.testing.assert_allclose(merged_scores[0, :2].numpy(), [0.9, 0.8])
+    assert merged_heads[0].tolist() == [0b11, 0b10, 0, 0]
+
+
+def test_bad_documents_get_clear_errors(tmp_path):
+    with pytest.raises(MemtrmUserError, match="empty"):
+        check_document([2])
+    with pytest.raises(MemtrmUserError, match="at most 100"):
+        check_document(list(range(101)), max_tokens=100)
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(MemtrmUserError, match="not UTF-8"):
+        read_text_file(str(latin1))
+    with pytest.raises(MemtrmUserError, match="only local checkpoints"):
+        load_demo_model("https://example.com/model.pt")
+    with pytest.raises(MemtrmUserError, match="not a directory"):
+        list_samples(str(tmp_path / "missing"))
+    assert "stdlib: argparse.py" in list_samples(None)
+    assert gain_colour(1.0).startswith("rgba(34") and gain_colour(-1.0).startswith("rgba(220")
+
+
+needs_demo_model = pytest.mark.skipif(not os.path.isfile(DEMO_CHECKPOINT), reason="no demo model: make demo-model")
