@@ -42,7 +42,9 @@ class MemoryBank:
         self.stream_sets: Dict[str, Dict[int, KNNMemory]] = {}
 
     def bytes_per_stream(self) -> int:
-        return sum(memory_bytes(self.memory_size, h, d, self.dtype) for h, d in self.layers.values())
+        return sum(
+            memory_bytes(self.memory_size, h, d, self.dtype, self.backend) for h, d in self.layers.values()
+        )
 
     def check_fits(self, num_streams: int, device: torch.device) -> None:
         """Fail before any work when ``num_streams`` full memories would not fit."""

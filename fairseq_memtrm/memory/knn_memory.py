@@ -22,17 +22,20 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .search import build_backend
+from .search import BACKENDS, build_backend
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
-def memory_bytes(memory_size: int, num_heads: int, head_dim: int, dtype: str = "fp32") -> int:
-    """Bytes one stream needs for one memory layer: keys + values + positions."""
+def memory_bytes(memory_size: int, num_heads: int, head_dim: int, dtype: str = "fp32",
+                 backend: str = "exact") -> int:
+    """Bytes one stream needs for one memory layer: keys + values + positions,
+    plus what the search backend's own index keeps per entry."""
     element = torch.finfo(DTYPES[dtype]).bits // 8
-    return memory_size * (num_heads * head_dim * 2 * element + 8)
+    index = BACKENDS[backend].index_bytes_per_entry(num_heads, head_dim) if backend in BACKENDS else 0
+    return memory_size * (num_heads * head_dim * 2 * element + 8 + index)
 
 
 @dataclass
@@ -167,11 +170,14 @@ class KNNMemory:
             found = min(k, num_valid)
             keys = self.keys[stream, :, :num_valid]
             scores, slots = self.backend.search(stream, queries[stream].detach(), keys, found)
+            # approximate backends may find fewer than k: slot -1, masked below
+            missing = slots < 0
+            slots = slots.clamp(min=0)
             flat = slots.reshape(heads, seq_len * found, 1).expand(-1, -1, dim)
             out_keys[stream, :, :, :found] = keys.gather(1, flat).view(heads, seq_len, found, dim).to(queries.dtype)
             out_values[stream, :, :, :found] = (
                 self.values[stream, :, :num_valid].gather(1, flat).view(heads, seq_len, found, dim).to(queries.dtype)
             )
-            out_scores[stream, :, :, :found] = scores
-            out_positions[stream, :, :, :found] = self.positions[stream][slots]
+            out_scores[stream, :, :, :found] = scores.to(queries.dtype).masked_fill(missing, float("-inf"))
+            out_positions[stream, :, :, :found] = self.positions[stream][slots].masked_fill(missing, -1)
         return Retrieval(out_keys, out_values, out_scores, out_positions, out_positions >= 0)
