@@ -26,5 +26,19 @@ $(STAMP): requirements.txt setup.py
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# The demo model is committed (fp16, with its spm.model and dict.txt); it is
+# built here only where it is missing. `make demo-model` rebuilds it (~8 min).
+DEMO_MODEL := demo/assets/demo_model.pt
+DEMO_ARGS ?=
+
+$(DEMO_MODEL): | $(STAMP)
+	$(BIN)/python scripts/make_demo_model.py
+
+demo: $(STAMP) $(DEMO_MODEL)
+	$(BIN)/python demo/app.py --checkpoint $(DEMO_MODEL) --port 7860 $(DEMO_ARGS)
+
+demo-model: $(STAMP)
+	$(BIN)/python scripts/make_demo_model.py --force
+
 clean:
 	rm -rf $(VENV) build *.egg-info

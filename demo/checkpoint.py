@@ -4,8 +4,10 @@ A checkpoint of this plugin is read with everything it needs to turn text into
 the token ids it was trained on: the fairseq dictionary (``dict.txt``) and the
 SentencePiece model (``spm.model``), both found next to the checkpoint (the
 demo assets) or in its data-bin. Documents are encoded the way
-``fairseq-preprocess`` binarizes a file: each line becomes its pieces plus
-``</s>``, so a line break is an end-of-sentence token.
+``scripts/prepare_data.py`` + ``fairseq-preprocess`` prepare a document for
+``document_lm``: tabs become 4 spaces, blank lines are dropped, each line
+becomes its pieces plus ``</s>`` (a line break is an end-of-sentence token),
+and, as in ``document_lm``'s first segment, ``</s>`` comes first.
 """
 
 import logging
@@ -35,11 +37,11 @@ class DemoModel:
     checkpoint: str
 
     def encode(self, text: str) -> List[int]:
-        """Document text -> token ids: per line, its pieces then ``</s>``."""
-        ids: List[int] = []
-        for line in text.splitlines():
-            pieces = self.spm.encode(line, out_type=str)
-            ids.extend(self.dictionary.index(piece) for piece in pieces)
+        """Document text -> token ids: ``</s>``, then per non-blank line its pieces and ``</s>``."""
+        lines = [line.expandtabs(4).rstrip() for line in text.splitlines()]
+        ids: List[int] = [self.dictionary.eos()]
+        for pieces in self.spm.encode([line for line in lines if line.strip()], out_type=str):
+            ids.extend(self.dictionary.index(p) for piece in pieces for p in piece.split())
             ids.append(self.dictionary.eos())
         return ids
 

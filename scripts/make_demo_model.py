@@ -5,19 +5,19 @@ The corpus is the Python standard library of the running interpreter (real,
 long documents on every machine: one module = one document). Steps, each
 skipped when its output exists (``--force`` redoes them):
 
-1. corpus: the stdlib's ``.py`` files (no tests), split by file into train/valid;
-2. tokenizer: a SentencePiece model that keeps indentation (identity
-   normalisation, whitespace kept), then ``fairseq-preprocess`` into a data-bin
-   holding ``dict.txt`` and ``spm.model``;
-3. pretraining: plain LM training (fairseq ``language_modeling``, no document
-   structure, so the memory stays empty and the layer is local attention);
-4. memory fine-tuning: ``--finetune-from-model`` with the ``document_lm`` task,
-   which streams whole documents so the memory fills and the gate learns;
-5. export: fp16 weights without optimizer state, with ``spm.model`` and
+1. data: the stdlib's ``.py`` files (no tests), split by file into train/valid,
+   tokenized by ``scripts/prepare_data.py`` (SentencePiece that keeps
+   indentation) into a data-bin holding ``dict.txt`` and ``spm.model``;
+2. pretraining: a vanilla ``transformer_lm`` of the tiny shape (4 x 128, 4
+   heads), plain LM training on the concatenated code;
+3. memory fine-tuning: ``memorizing_transformer_lm_tiny`` from that checkpoint
+   (``--finetune-from-model``) with the ``document_lm`` task, which streams
+   whole documents so the memory fills and the gate learns to use it;
+4. export: fp16 weights without optimizer state, with ``spm.model`` and
    ``dict.txt``, to ``demo/assets/`` (<= 25 MB).
 
-About 8 minutes on 2 CPU cores in all; ``--pretrain-updates`` and
-``--finetune-updates`` trade time for quality.
+Each training stage stops after its updates or its time cap, whichever comes
+first, so the whole script takes at most ~8 minutes on 2 CPU cores.
 """
 
 import argparse
@@ -53,92 +53,66 @@ def stdlib_documents():
     return root, files
 
 
-def write_corpus(work: str, max_train_bytes: int) -> dict:
-    """Copy documents into ``work/corpus/{train,valid}/``; 1 in 25 files is valid."""
+def split_documents(max_train_bytes: int) -> dict:
+    """Train/valid file lists: 1 file in 25 is valid; up to ``max_train_bytes`` of train."""
     root, files = stdlib_documents()
     splits = {"train": [], "valid": []}
-    budget = {"train": max_train_bytes, "valid": max_train_bytes // 20}
+    budget = {"train": max_train_bytes, "valid": max_train_bytes // 10}
     for path in files:
-        relative = os.path.relpath(path, root)
-        split = "valid" if zlib.crc32(relative.encode()) % 25 == 0 else "train"
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except UnicodeDecodeError:
+        split = "valid" if zlib.crc32(os.path.relpath(path, root).encode()) % 25 == 0 else "train"
+        size = os.path.getsize(path)
+        if size < 4000 or budget[split] < size:  # short files teach the memory little
             continue
-        if len(text) < 2000 or budget[split] < len(text):  # short files teach the memory nothing
-            continue
-        budget[split] -= len(text)
-        splits[split].append((relative.replace(os.sep, "__"), text))
-    for split, documents in splits.items():
-        os.makedirs(os.path.join(work, "corpus", split), exist_ok=True)
-        for name, text in documents:
-            with open(os.path.join(work, "corpus", split, name), "w", encoding="utf-8") as f:
-                f.write(text)
-        logger.info("%s: %d documents, %.1f MB", split, len(documents), sum(len(t) for _, t in documents) / 1e6)
+        budget[split] -= size
+        splits[split].append(path)
+    for split, paths in splits.items():
+        logger.info("%s: %d modules, %.1f MB", split, len(paths), sum(map(os.path.getsize, paths)) / 1e6)
     return splits
 
 
 def run(command):
-    logger.info("$ %s", " ".join(command))
+    logger.info("$ %s", " ".join(command[:12]) + (" ..." if len(command) > 12 else ""))
     subprocess.run(command, check=True)
 
 
-def binarize_with_sentencepiece(work: str, vocab_size: int) -> str:
-    """SentencePiece + fairseq-preprocess; documents are separated by an empty line."""
-    import sentencepiece
-
-    data_bin = os.path.join(work, "data-bin")
-    train_text = os.path.join(work, "corpus", "train.txt")
-    for split in ("train", "valid"):
-        with open(os.path.join(work, "corpus", f"{split}.txt"), "w", encoding="utf-8") as out:
-            for name in sorted(os.listdir(os.path.join(work, "corpus", split))):
-                with open(os.path.join(work, "corpus", split, name), encoding="utf-8") as f:
-                    out.write("\n".join(line for line in f.read().splitlines() if line.strip()) + "\n\n")
-    sentencepiece.SentencePieceTrainer.train(
-        input=train_text,
-        model_prefix=os.path.join(work, "spm"),
-        vocab_size=vocab_size,
-        model_type="unigram",
-        character_coverage=1.0,
-        normalization_rule_name="identity",  # code: keep every character as written
-        remove_extra_whitespaces=False,  # ... and its indentation
-        split_digits=True,
-        byte_fallback=True,
-        input_sentence_size=300000,
-        shuffle_input_sentence=True,
-        num_threads=2,
-        minloglevel=1,
-    )
-    processor = sentencepiece.SentencePieceProcessor(model_file=os.path.join(work, "spm.model"))
-    for split in ("train", "valid"):
-        with open(os.path.join(work, "corpus", f"{split}.txt"), encoding="utf-8") as f, open(
-            os.path.join(work, f"{split}.spm"), "w", encoding="utf-8"
-        ) as out:
-            for line in f:
-                out.write(" ".join(processor.encode(line.rstrip("\n"), out_type=str)) + "\n")
+def prepare_data(work: str, vocab_size: int, max_train_bytes: int) -> str:
+    splits = split_documents(max_train_bytes)
     run([
-        os.path.join(os.path.dirname(sys.executable), "fairseq-preprocess"), "--only-source",
-        "--trainpref", os.path.join(work, "train.spm"), "--validpref", os.path.join(work, "valid.spm"),
-        "--destdir", data_bin, "--workers", "2",
+        sys.executable, os.path.join(REPO, "scripts", "prepare_data.py"), "--name", "pycode",
+        "--dest-dir", work, "--splits", "train,valid", "--vocab-size", str(vocab_size),
+        "--character-coverage", "1.0", "--workers", "2", "--quiet",
+        "--train", *splits["train"], "--valid", *splits["valid"],
     ])
-    shutil.copy(os.path.join(work, "spm.model"), os.path.join(data_bin, "spm.model"))
-    return data_bin
+    return os.path.join(work, "pycode")
 
 
-def train(data_bin: str, save_dir: str, task_args, updates: int, extra) -> str:
-    command = [
+TINY_SHAPE = [
+    "--decoder-layers", "4", "--decoder-embed-dim", "128", "--decoder-ffn-embed-dim", "512",
+    "--decoder-attention-heads", "4", "--share-decoder-input-output-embed",
+]
+
+
+def train(data_bin: str, save_dir: str, stage_args, updates: int, minutes: float) -> str:
+    """One fairseq-train run; stops after ``updates`` or ``minutes``, whichever is first."""
+    run([
         os.path.join(os.path.dirname(sys.executable), "fairseq-train"), data_bin,
-        "--user-dir", os.path.join(REPO, "fairseq_memtrm"), "--arch", "memorizing_transformer_lm_tiny",
-        "--cpu", "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--clip-norm", "1.0",
-        "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "100", "--dropout", "0.0",
-        "--max-update", str(updates), "--save-dir", save_dir, "--no-epoch-checkpoints",
-        "--save-interval-updates", str(updates), "--keep-interval-updates", "1",
-        "--log-format", "simple", "--log-interval", "25", "--seed", "1",
-        "--num-workers", "0", "--stop-time-hours", "0.1",
-    ] + task_args + extra
-    run(command)
-    return os.path.join(save_dir, "checkpoint_last.pt")
+        "--user-dir", os.path.join(REPO, "fairseq_memtrm"), *TINY_SHAPE,
+        "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--clip-norm", "1.0",
+        "--dropout", "0.0", "--max-update", str(updates), "--stop-time-hours", f"{minutes / 60:.4f}",
+        "--save-dir", save_dir, "--no-epoch-checkpoints", "--disable-validation",
+        "--log-format", "simple", "--log-interval", "20", "--seed", "1", "--num-workers", "0",
+        *(["--cpu"] if not torch_has_cuda() else []), *stage_args,
+    ])
+    checkpoint = os.path.join(save_dir, "checkpoint_last.pt")
+    if not os.path.isfile(checkpoint):
+        raise SystemExit(f"make_demo_model: fairseq-train wrote no {checkpoint}")
+    return checkpoint
+
+
+def torch_has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def export(checkpoint: str, data_bin: str, assets: str) -> str:
@@ -167,11 +141,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dir", default=os.path.join(REPO, "build", "demo_model"))
     parser.add_argument("--assets", default=os.path.join(REPO, "demo", "assets"))
-    parser.add_argument("--max-train-mb", type=float, default=4.0, help="stdlib code to train on")
-    parser.add_argument("--vocab-size", type=int, default=8000)
+    parser.add_argument("--max-train-mb", type=float, default=3.0, help="stdlib code to train on")
+    parser.add_argument("--vocab-size", type=int, default=4000)
     parser.add_argument("--tokens-per-sample", type=int, default=256)
-    parser.add_argument("--pretrain-updates", type=int, default=600)
-    parser.add_argument("--finetune-updates", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--pretrain-updates", type=int, default=300)
+    parser.add_argument("--pretrain-minutes", type=float, default=4.0)
+    parser.add_argument("--finetune-updates", type=int, default=150)
+    parser.add_argument("--finetune-minutes", type=float, default=3.0)
     parser.add_argument("--memory-size", type=int, default=4096)
     parser.add_argument("--force", action="store_true", help="redo every step")
     args = parser.parse_args()
@@ -180,26 +157,27 @@ def main():
     if args.force and os.path.isdir(work):
         shutil.rmtree(work)
     os.makedirs(work, exist_ok=True)
-    if not os.path.isdir(os.path.join(work, "corpus", "train")):
-        write_corpus(work, int(args.max_train_mb * 1e6))
-    data_bin = os.path.join(work, "data-bin")
+    data_bin = os.path.join(work, "pycode")
     if not os.path.isfile(os.path.join(data_bin, "spm.model")):
-        data_bin = binarize_with_sentencepiece(work, args.vocab_size)
+        data_bin = prepare_data(work, args.vocab_size, int(args.max_train_mb * 1e6))
 
-    tokens = ["--tokens-per-sample", str(args.tokens_per_sample), "--memory-size", str(args.memory_size)]
+    segments = ["--tokens-per-sample", str(args.tokens_per_sample), "--batch-size", str(args.batch_size)]
     pretrained = os.path.join(work, "pretrain", "checkpoint_last.pt")
     if not os.path.isfile(pretrained):
         pretrained = train(
             data_bin, os.path.join(work, "pretrain"),
-            ["--task", "language_modeling", "--sample-break-mode", "none", "--batch-size", "16"] + tokens,
-            args.pretrain_updates, ["--lr", "2e-3"],
+            ["--task", "language_modeling", "--sample-break-mode", "none", "--arch", "transformer_lm",
+             "--lr", "2e-3", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "50", *segments],
+            args.pretrain_updates, args.pretrain_minutes,
         )
     finetuned = os.path.join(work, "finetune", "checkpoint_last.pt")
     if not os.path.isfile(finetuned):
         finetuned = train(
             data_bin, os.path.join(work, "finetune"),
-            ["--task", "document_lm", "--batch-size", "8"] + tokens,
-            args.finetune_updates, ["--lr", "1e-3", "--finetune-from-model", pretrained],
+            ["--task", "document_lm", "--arch", "memorizing_transformer_lm_tiny",
+             "--memory-size", str(args.memory_size), "--knn-k", "32", "--finetune-from-model", pretrained,
+             "--lr", "1e-3", "--lr-scheduler", "fixed", *segments],
+            args.finetune_updates, args.finetune_minutes,
         )
     export(finetuned, data_bin, args.assets)
 
