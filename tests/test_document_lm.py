@@ -198,6 +198,20 @@ def test_resume_mid_epoch_continues_with_the_next_batch_of_the_same_streams(dict
     assert rest == epoch2[3:]
 
 
+def test_each_rank_gets_its_own_streams_and_as_many_batches(dict_dir):
+    """What the trainer asks for under data parallel: num_shards = world size, shard_id = rank."""
+    task, _ = build_task(dict_dir, "--arch", "transformer_lm", "--tokens-per-sample", "4", "--batch-size", "2")
+    documents, _ = synthetic_documents([9, 30, 12, 18, 25, 7, 40, 16, 3])
+    docs_per_rank, batches_per_rank = [], []
+    for rank in range(2):
+        batches = list(task.get_batch_iterator(documents, num_shards=2, shard_id=rank, seed=3).next_epoch_itr())
+        batches_per_rank.append(len(batches))
+        docs_per_rank.append({int(d) for b in batches for d in b["doc_id"] if d >= 0})
+        assert all(b["id"].tolist() == [2 * rank, 2 * rank + 1] for b in batches)
+    assert batches_per_rank[0] == batches_per_rank[1]
+    assert not docs_per_rank[0] & docs_per_rank[1] and docs_per_rank[0] | docs_per_rank[1] == set(range(9))
+
+
 def test_eval_lm_dataloader_scores_every_token_once_and_rejects_context_window(dict_dir):
     task, _ = build_task(dict_dir, "--arch", "transformer_lm", "--tokens-per-sample", "8", "--batch-size", "3")
     documents, docs = synthetic_documents([9, 30, 12, 18, 25, 7, 40, 16], split="test")
