@@ -1,0 +1,282 @@
+#!/usr/bin/env python
+"""Perplexity against evaluation memory size, on held-out documents.
+
+Runs fairseq's eval-lm path (``--task document_lm``: ``task.eval_lm_dataloader``,
+models loaded by ``checkpoint_utils`` with ``--model-overrides``) once per
+configuration and keeps every token's loss, so that it can also report
+
+* perplexity on tokens past position ``--far-position`` (8K) of their document,
+  where memory matters most;
+* which token types gain most from memory (loss without minus with memory);
+* the per-head gate values sigmoid(b_h) of each memory layer, and retrieval
+  statistics (top-1 similarity, distance back), to tell whether the model uses
+  its memory.
+
+The headline perplexity of each configuration is the one ``fairseq-eval-lm``
+prints for the same checkpoint and overrides (tests/test_memory_sweep.py checks
+the two agree). Writes ``OUT/memory_sweep.json``, ``OUT/memory_sweep.md`` and
+``OUT/memory_sweep.png`` (perplexity vs memory size, log-x).
+
+Example::
+
+    python scripts/eval_memory_sweep.py data-bin/books-eval \\
+        --memory-checkpoint checkpoints/books/memory/checkpoint_last.pt \\
+        --control-checkpoint checkpoints/books/control/checkpoint_last.pt \\
+        --vanilla-checkpoint checkpoints/books/vanilla/checkpoint_last.pt \\
+        --memory-sizes 0,1536,8192,32768,65536,262144 --out results/books
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from fairseq import checkpoint_utils, options, progress_bar, tasks, utils  # noqa: E402
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
+
+from fairseq_memtrm.errors import MemtrmUserError  # noqa: E402
+
+logger = logging.getLogger("eval_memory_sweep")
+
+
+def load(checkpoint, data, subset, tokens_per_sample, batch_size, overrides, cpu):
+    """Model and task exactly as ``fairseq-eval-lm --task document_lm`` builds them."""
+    if not os.path.isfile(checkpoint):
+        raise MemtrmUserError(f"checkpoint {checkpoint!r} not found; train it first (see README, Results)")
+    argv = [data, "--user-dir", str(REPO / "fairseq_memtrm"), "--task", "document_lm", "--path", checkpoint,
+            "--gen-subset", subset, "--tokens-per-sample", str(tokens_per_sample), "--batch-size", str(batch_size),
+            "--model-overrides", repr(overrides)]
+    if cpu:
+        argv.append("--cpu")
+    args = options.parse_args_and_arch(options.get_eval_lm_parser(), argv)
+    cfg = convert_namespace_to_omegaconf(args)
+    utils.import_user_module(cfg.common)
+    task = tasks.setup_task(cfg.task)
+    models, _ = checkpoint_utils.load_model_ensemble([checkpoint], arg_overrides=overrides, task=task)
+    model = models[0].eval()
+    if torch.cuda.is_available() and not cpu:
+        model = model.cuda()
+    task.load_dataset(subset)
+    return model, task
+
+
+def gate_values(model):
+    """{layer: [sigmoid(b_h) per head]} for a model that uses memory, else {}."""
+    if not hasattr(model, "memory_attentions") or model.memory_bank.memory_size == 0:
+        return {}
+    return {str(layer): torch.sigmoid(att.memory_gate).tolist()
+            for layer, att in zip(model.memory_layer_ids, model.memory_attentions())}
+
+
+@torch.no_grad()
+def score(model, task, subset, tokens_per_sample, batch_size, far_position, log_format):
+    """Every target token's loss (nats), document id, position and type."""
+    itr = task.eval_lm_dataloader(task.dataset(subset), batch_size=batch_size,
+                                  max_positions=utils.resolve_max_positions(task.max_positions(),
+                                                                            model.max_positions()))
+    progress = progress_bar.progress_bar(itr, log_format=log_format, log_interval=50, prefix=subset,
+                                         default_log_format="tqdm")
+    pad = task.target_dictionary.pad()
+    device = next(model.parameters()).device
+    recording = hasattr(model, "set_record_retrievals")
+    if recording:
+        model.set_record_retrievals(True)
+    losses, docs, positions, types = [], [], [], []
+    top1_scores, distances = [], []
+    for sample in progress:
+        sample = utils.move_to_cuda(sample, device) if device.type == "cuda" else sample
+        net_output = model(**sample["net_input"])
+        lprobs = model.get_normalized_probs(net_output, log_probs=True, sample=sample)
+        target = sample["target"]
+        nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        mask = target.ne(pad)
+        offset = (sample["segment"].clamp(min=0) * tokens_per_sample).unsqueeze(1)
+        position = offset + torch.arange(target.size(1), device=target.device).unsqueeze(0)
+        losses.append(nll[mask].float().cpu())
+        docs.append(sample["doc_id"].unsqueeze(1).expand_as(target)[mask].cpu())
+        positions.append(position[mask].cpu())
+        types.append(target[mask].cpu())
+        if recording:
+            for attention in model.memory_attentions():
+                record = attention.last_record
+                if record is None:
+                    continue
+                found = record.retrieval.mask[..., 0]  # (B, H, T)
+                top1_scores.append(record.retrieval.scores[..., 0][found].float().cpu())
+                query_position = position.unsqueeze(1).expand_as(found)  # = its source token's memory position
+                distances.append((query_position - record.retrieval.positions[..., 0])[found].cpu())
+    if recording:
+        model.set_record_retrievals(False)
+    result = {
+        "loss": torch.cat(losses).numpy(),
+        "doc": torch.cat(docs).numpy(),
+        "position": torch.cat(positions).numpy(),
+        "type": torch.cat(types).numpy(),
+    }
+    if top1_scores:
+        scores, dist = torch.cat(top1_scores), torch.cat(distances).float()
+        result["retrieval"] = {"mean_top1_similarity": float(scores.mean()),
+                               "median_top1_distance": float(dist.median()),
+                               "mean_top1_distance": float(dist.mean())}
+    return result
+
+
+def summarise(name, checkpoint, memory_size, scored, wall, far_position, gates):
+    loss = scored["loss"]
+    far = scored["position"] >= far_position
+    row = {
+        "name": name,
+        "checkpoint": checkpoint,
+        "memory_size": memory_size,
+        "tokens": int(loss.size),
+        "loss": float(loss.mean()),
+        "ppl": float(math.exp(loss.mean())),
+        "tokens_past_far_position": int(far.sum()),
+        "ppl_past_far_position": float(math.exp(loss[far].mean())) if far.any() else None,
+        "wall_seconds": round(wall, 1),
+        "tokens_per_second": round(loss.size / wall, 1),
+        "gates": gates,
+    }
+    if "retrieval" in scored:
+        row["retrieval"] = scored["retrieval"]
+    return row
+
+
+def biggest_gains(without, with_memory, dictionary, top=25, min_count=5):
+    """Token types whose summed loss falls most with memory (same tokens, same order)."""
+    if not np.array_equal(without["type"], with_memory["type"]):
+        raise RuntimeError("the two runs scored different tokens; cannot compare per token")
+    gain = without["loss"] - with_memory["loss"]
+    totals, counts = defaultdict(float), defaultdict(int)
+    for token, g in zip(without["type"].tolist(), gain.tolist()):
+        totals[token] += g
+        counts[token] += 1
+    ranked = sorted((t for t in totals if counts[t] >= min_count), key=lambda t: -totals[t])[:top]
+    return [{"token": dictionary[t], "count": counts[t], "total_gain_nats": round(totals[t], 2),
+             "mean_gain_nats": round(totals[t] / counts[t], 3)} for t in ranked]
+
+
+def write_outputs(out, report):
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "memory_sweep.json").write_text(json.dumps(report, indent=2))
+    far = report["far_position"]
+    lines = [f"| run | eval memory | ppl | ppl past {far} | tokens | tok/s | gate (mean) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in report["runs"]:
+        gates = [g for layer in row["gates"].values() for g in layer]
+        gate = f"{np.mean(gates):.3f}" if gates else "-"
+        past = f"{row['ppl_past_far_position']:.2f}" if row["ppl_past_far_position"] else "-"
+        lines.append(f"| {row['name']} | {row['memory_size']} | {row['ppl']:.2f} | {past} | {row['tokens']} | "
+                     f"{row['tokens_per_second']:.0f} | {gate} |")
+    if report.get("biggest_gains"):
+        lines += ["", f"Token types that gain most from memory ({report['gains_between']}):", "",
+                  "| token | count | total gain (nats) | mean gain |", "|---|---:|---:|---:|"]
+        lines += [f"| `{g['token']}` | {g['count']} | {g['total_gain_nats']} | {g['mean_gain_nats']} |"
+                  for g in report["biggest_gains"]]
+    lines += ["", f"Machine: {report['machine']}"]
+    (out / "memory_sweep.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = [r for r in report["runs"] if r["name"] == "memory" and r["memory_size"] > 0]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if sweep:
+        ax.plot([r["memory_size"] for r in sweep], [r["ppl"] for r in sweep], "o-", label="memorizing fine-tune")
+        ax.set_xscale("log", base=2)
+    for row in report["runs"]:
+        if row["name"] != "memory" or row["memory_size"] == 0:
+            ax.axhline(row["ppl"], linestyle="--", linewidth=1,
+                       label=f"{row['name']} (memory {row['memory_size']})", color=None)
+    ax.set_xlabel("evaluation memory size (tokens, log scale)")
+    ax.set_ylabel(f"perplexity ({report['subset']})")
+    ax.set_title(report["title"])
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "memory_sweep.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("data", help="data-bin folder (scripts/prepare_data.py)")
+    parser.add_argument("--memory-checkpoint", required=True, help="memorizing fine-tune checkpoint")
+    parser.add_argument("--control-checkpoint", help="same updates without memory (memory size 0)")
+    parser.add_argument("--vanilla-checkpoint", help="the transformer_lm checkpoint both started from")
+    parser.add_argument("--memory-sizes", default="0,1536,8192,32768,65536,262144",
+                        help="comma-separated evaluation memory sizes for the memory checkpoint")
+    parser.add_argument("--subset", default="test")
+    parser.add_argument("--tokens-per-sample", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=4, help="streams evaluated side by side")
+    parser.add_argument("--far-position", type=int, default=8192,
+                        help="also report perplexity on tokens at least this far into their document")
+    parser.add_argument("--title", default="perplexity vs memory size")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--log-format", default=None, choices=["tqdm", "simple", "none", "json"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO,
+                        stream=sys.stdout)
+    try:
+        sizes = [int(s) for s in args.memory_sizes.split(",") if s.strip()]
+    except ValueError:
+        raise MemtrmUserError(f"--memory-sizes expects comma-separated integers, got {args.memory_sizes!r}")
+
+    plan = [("memory", args.memory_checkpoint, size) for size in sizes]
+    if args.control_checkpoint:
+        plan.append(("control", args.control_checkpoint, 0))
+    if args.vanilla_checkpoint:
+        plan.append(("vanilla", args.vanilla_checkpoint, None))
+    runs, scored_by_size, dictionary = [], {}, None
+    for name, checkpoint, size in plan:
+        overrides = {"memory_size": size} if size is not None else {}
+        logger.info("evaluating %s (%s) with memory size %s", name, checkpoint, size)
+        model, task = load(checkpoint, args.data, args.subset, args.tokens_per_sample, args.batch_size,
+                           overrides, args.cpu)
+        dictionary = task.target_dictionary
+        start = time.perf_counter()
+        scored = score(model, task, args.subset, args.tokens_per_sample, args.batch_size, args.far_position,
+                       args.log_format)
+        row = summarise(name, checkpoint, size if size is not None else 0, scored, time.perf_counter() - start,
+                        args.far_position, gate_values(model))
+        logger.info("%s memory %s: ppl %.3f (past %d: %s) over %d tokens", name, size, row["ppl"],
+                    args.far_position, row["ppl_past_far_position"], row["tokens"])
+        runs.append(row)
+        if name == "memory":
+            scored_by_size[size] = scored
+        del model
+
+    report = {
+        "title": args.title,
+        "data": args.data,
+        "subset": args.subset,
+        "tokens_per_sample": args.tokens_per_sample,
+        "batch_size": args.batch_size,
+        "far_position": args.far_position,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+                   f"{torch.__version__}, {'cuda' if torch.cuda.is_available() and not args.cpu else 'cpu'}",
+        "runs": runs,
+    }
+    with_memory = [s for s in sizes if s > 0]
+    if 0 in scored_by_size and with_memory:
+        largest = max(with_memory)
+        report["gains_between"] = f"memory 0 vs memory {largest}"
+        report["biggest_gains"] = biggest_gains(scored_by_size[0], scored_by_size[largest], dictionary)
+    write_outputs(Path(args.out), report)
+    print((Path(args.out) / "memory_sweep.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

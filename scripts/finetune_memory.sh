@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Fine-tune a vanilla transformer_lm checkpoint to use a kNN memory, reading
+# documents in order (--task document_lm). MEMORY_SIZE=0 gives the control: the
+# same updates, data and stream order from the same checkpoint, without memory.
+# Resumable: rerunning continues from SAVE_DIR/checkpoint_last.pt.
+#
+#   scripts/finetune_memory.sh DATA_BIN VANILLA_CKPT SAVE_DIR [extra fairseq-train args]
+#   env: MEMORY_SIZE (65536), MAX_UPDATE (400), KNN_K (32), LR (2e-4)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/common.sh
+DATA=${1:?usage: finetune_memory.sh DATA_BIN VANILLA_CKPT SAVE_DIR [fairseq args]}
+VANILLA=${2:?usage: finetune_memory.sh DATA_BIN VANILLA_CKPT SAVE_DIR [fairseq args]}
+SAVE=${3:?usage: finetune_memory.sh DATA_BIN VANILLA_CKPT SAVE_DIR [fairseq args]}
+shift 3
+[ -f "$VANILLA" ] || { echo "finetune_memory.sh: no checkpoint $VANILLA; run scripts/train_vanilla.sh first" >&2; exit 2; }
+exec "$BIN/fairseq-train" "$DATA" --user-dir fairseq_memtrm --task document_lm \
+    --arch memorizing_transformer_lm "${SHAPE[@]}" --dropout 0.1 \
+    --memory-size "${MEMORY_SIZE:-65536}" --knn-k "${KNN_K:-32}" \
+    --finetune-from-model "$VANILLA" \
+    --tokens-per-sample "$TOKENS_PER_SAMPLE" --batch-size "$BATCH_SIZE" \
+    --optimizer adam --adam-betas '(0.9, 0.98)' --clip-norm 1.0 --lr "${LR:-2e-4}" \
+    --lr-scheduler fixed --max-update "${MAX_UPDATE:-400}" \
+    --seed "$SEED" --save-dir "$SAVE" --no-epoch-checkpoints --save-interval-updates 100 \
+    --keep-interval-updates 1 --disable-validation --log-format simple --log-interval 25 \
+    "${CPU_FLAG[@]}" "$@"

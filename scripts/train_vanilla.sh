@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Train the "vanilla checkpoint": a plain fairseq transformer_lm (no plugin),
+# 6 x 256, on a data-bin from scripts/prepare_data.py. Resumable: rerunning
+# continues from SAVE_DIR/checkpoint_last.pt (fairseq's own resume).
+#
+#   scripts/train_vanilla.sh DATA_BIN SAVE_DIR [extra fairseq-train args]
+#   env: MAX_UPDATE (default 1500 updates of 4 x 512 tokens), LR (5e-4)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/common.sh
+DATA=${1:?usage: train_vanilla.sh DATA_BIN SAVE_DIR [fairseq args]}
+SAVE=${2:?usage: train_vanilla.sh DATA_BIN SAVE_DIR [fairseq args]}
+shift 2
+exec "$BIN/fairseq-train" "$DATA" --task language_modeling --sample-break-mode none \
+    --arch transformer_lm "${SHAPE[@]}" --dropout 0.1 \
+    --tokens-per-sample "$TOKENS_PER_SAMPLE" --batch-size "$BATCH_SIZE" \
+    --optimizer adam --adam-betas '(0.9, 0.98)' --clip-norm 1.0 --lr "${LR:-5e-4}" \
+    --lr-scheduler inverse_sqrt --warmup-updates 200 --max-update "${MAX_UPDATE:-1500}" \
+    --seed "$SEED" --save-dir "$SAVE" --no-epoch-checkpoints --save-interval-updates 250 \
+    --keep-interval-updates 1 --disable-validation --log-format simple --log-interval 50 \
+    "${CPU_FLAG[@]}" "$@"

@@ -1,0 +1,77 @@
+"""The fine-tuning experiment's whole chain on a tiny slice of real documents:
+prepare -> vanilla -> memory fine-tune + control -> sweep. The real numbers come
+from the scripts (README, Results); this checks the chain and its bookkeeping."""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "BIN": str(BIN), "TOKENS_PER_SAMPLE": "64", "BATCH_SIZE": "2",
+       "MAX_UPDATE": "3"}
+
+
+def run(*cmd, env=ENV):
+    result = subprocess.run([str(c) for c in cmd], cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
+    if result.returncode != 0:
+        raise AssertionError(f"{cmd[:2]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    work = tmp_path_factory.mktemp("sweep")
+    stdlib = sorted(Path(os.__file__).parent.glob("*.py"))
+    run(BIN / "python", "scripts/prepare_data.py", "--name", "code", "--dest-dir", work, "--vocab-size", "400",
+        "--train", *stdlib[:12], "--valid", *stdlib[12:14], "--test", *stdlib[14:17],
+        "--max-chars-per-doc", "6000", "--quiet")
+    data = work / "code"
+    run("bash", "scripts/train_vanilla.sh", data, work / "vanilla")
+    vanilla = work / "vanilla" / "checkpoint_last.pt"
+    run("bash", "scripts/finetune_memory.sh", data, vanilla, work / "memory", env={**ENV, "MEMORY_SIZE": "1024"})
+    run("bash", "scripts/finetune_memory.sh", data, vanilla, work / "control", env={**ENV, "MEMORY_SIZE": "0"})
+    out = run(BIN / "python", "scripts/eval_memory_sweep.py", data, "--memory-checkpoint",
+              work / "memory" / "checkpoint_last.pt", "--control-checkpoint", work / "control" / "checkpoint_last.pt",
+              "--vanilla-checkpoint", vanilla, "--memory-sizes", "0,256", "--tokens-per-sample", "64",
+              "--batch-size", "2", "--far-position", "256", "--out", work / "results", "--cpu", "--log-format", "none")
+    return work, out
+
+
+def test_sweep_report_has_every_run_with_finite_numbers(chain):
+    work, _ = chain
+    report = json.loads((work / "results" / "memory_sweep.json").read_text())
+    runs = {(r["name"], r["memory_size"]): r for r in report["runs"]}
+    assert set(runs) == {("memory", 0), ("memory", 256), ("control", 0), ("vanilla", 0)}
+    tokens = {r["tokens"] for r in report["runs"]}
+    assert len(tokens) == 1 and tokens.pop() > 1000  # every run scores the same tokens
+    for row in report["runs"]:
+        assert math.isfinite(row["ppl"]) and row["ppl"] > 1
+        assert row["ppl_past_far_position"] is None or math.isfinite(row["ppl_past_far_position"])
+        assert row["tokens_per_second"] > 0
+    assert len(runs[("memory", 256)]["gates"]["3"]) == 4  # layer 3 of 6, 4 heads
+    assert runs[("vanilla", 0)]["gates"] == {} and runs[("control", 0)]["gates"] == {}
+    assert 0 < runs[("memory", 256)]["retrieval"]["mean_top1_distance"]
+    assert runs[("memory", 0)]["ppl"] != runs[("memory", 256)]["ppl"]
+    assert report["biggest_gains"] and "token" in report["biggest_gains"][0]
+    assert (work / "results" / "memory_sweep.png").stat().st_size > 10_000
+    assert "| memory | 256 |" in (work / "results" / "memory_sweep.md").read_text()
+
+
+def test_sweep_perplexity_is_fairseq_eval_lm_perplexity(chain):
+    work, _ = chain
+    report = json.loads((work / "results" / "memory_sweep.json").read_text())
+    expected = next(r for r in report["runs"] if r["name"] == "memory" and r["memory_size"] == 256)
+    out = run(BIN / "fairseq-eval-lm", work / "code", "--user-dir", "fairseq_memtrm", "--task", "document_lm",
+              "--path", work / "memory" / "checkpoint_last.pt", "--gen-subset", "test", "--tokens-per-sample", "64",
+              "--batch-size", "2", "--model-overrides", "{'memory_size': 256}", "--cpu")
+    match = re.search(r"Evaluated ([\d,]+) tokens.*Perplexity: (\d+\.\d+)", out, re.S)
+    assert match, out[-2000:]
+    assert int(match.group(1).replace(",", "")) == expected["tokens"]
+    assert float(match.group(2)) == pytest.approx(expected["ppl"], rel=1e-3)
