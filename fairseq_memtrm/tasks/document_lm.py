@@ -150,6 +150,8 @@ class DocumentLMTask(FairseqTask):
             num_shards=num_shards,
             shard_id=shard_id,
         )
+        # The trainer reads ``first_batch`` (its dummy batch) before any epoch starts.
+        streams.set_epoch(epoch)
         return iterators.EpochBatchIterator(
             dataset=streams,
             collate_fn=streams.collater,
