@@ -22,12 +22,13 @@ from typing import Dict, Optional
 if __package__ in (None, ""):  # run as `python demo/app.py`: make `demo` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import gradio as gr
-import numpy as np
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
+import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
 
-from demo.checkpoint import DEMO_CHECKPOINT, DemoModel, load_demo_model
-from demo.report import MAX_DOCUMENT_TOKENS, DocumentReport, build_report, token_details
-from fairseq_memtrm.errors import MemtrmUserError
+from demo.checkpoint import DEMO_CHECKPOINT, DemoModel, load_demo_model  # noqa: E402
+from demo.report import MAX_DOCUMENT_TOKENS, DocumentReport, build_report, token_details  # noqa: E402
+from fairseq_memtrm.errors import MemtrmUserError  # noqa: E402
 
 logger = logging.getLogger("demo.app")
 
@@ -197,22 +198,22 @@ class DemoApp:
         loss_plot, distance_plot = self.summary_plots(report)
         return (
             status, self.render_page(report, 0),
-            gr.update(minimum=1, maximum=pages, value=1, step=1, interactive=pages > 1),
+            gr.update(maximum=pages, value=1, label=f"Page (of {pages}, {TOKENS_PER_PAGE:,} tokens each)"),
             loss_plot, distance_plot, session,
         )
 
     def show_page(self, page, session):
         report = (session or {}).get("report")
-        if report is None:
-            return ""
-        return self.render_page(report, int(page) - 1)
+        if report is None or page is None:
+            return gr.update()
+        last_page = (report.num_tokens - 1) // TOKENS_PER_PAGE
+        return self.render_page(report, min(max(int(page) - 1, 0), last_page))
 
     def select_token(self, session, event: gr.EventData):
         """A click on token ``event.token_index``: its retrieval table and gates."""
         report = (session or {}).get("report")
-        index = getattr(event, "token_index", None)
-        if index is None:
-            index = (getattr(event, "_data", None) or {}).get("token_index")
+        data = event._data if isinstance(event._data, dict) else {}
+        index = data.get("token_index")  # sent by PAGE_JS
         if report is None or index is None:
             return "Read a document, then click a token.", None, None
         try:
@@ -225,8 +226,9 @@ class DemoApp:
             + (f"{len(details.entries)} memory entries (layer {report.layer})." if details.entries
                else "Nothing retrieved (the first segment has an empty memory).")
         )
+        visible = lambda text: text.replace("\n", "\u21b5")  # a line break, shown in a table cell
         rows = [
-            [rank + 1, entry.left_context, entry.token, entry.right_context, entry.distance,
+            [rank + 1, visible(entry.left_context), visible(entry.token), visible(entry.right_context), entry.distance,
              round(entry.score, 3), round(entry.weight, 4), ",".join(map(str, entry.heads))]
             for rank, entry in enumerate(details.entries)
         ]
@@ -257,13 +259,15 @@ class DemoApp:
                                       elem_id="knn-k")
                     run_button = gr.Button("Read the document", variant="primary", elem_id="run-button")
             status = gr.Markdown(elem_id="status")
-            page = gr.Slider(1, 1, value=1, step=1, label="Page", interactive=False)
+            page = gr.Number(1, minimum=1, precision=0, label=f"Page ({TOKENS_PER_PAGE:,} tokens each)",
+                             elem_id="page")
             document_view = gr.HTML("", js_on_load=PAGE_JS, css_template=PAGE_CSS, elem_id="document-view",
                                     max_height=520)
             token_header = gr.Markdown(elem_id="token-header")
             retrieval_table = gr.Dataframe(
                 headers=["rank", "before", "retrieved token", "after", "distance (tokens)", "similarity",
                          "attention weight", "heads"],
+                datatype=["number", "str", "str", "str", "number", "number", "number", "str"],
                 label="Top-k memory entries (merged over heads)", elem_id="retrieval-table",
                 interactive=False, wrap=True,
             )
@@ -299,6 +303,8 @@ def main(argv=None):
     parser.add_argument("--cpu", action="store_true", help="run on CPU even where CUDA is present")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO)
+    for noisy in ("httpx", "httpcore", "httpcore2", "faiss.loader"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         samples = list_samples(args.samples)
         demo_model = load_demo_model(args.checkpoint, args.data, args.spm_model, args.segment_length, args.cpu)

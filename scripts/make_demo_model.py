@@ -88,6 +88,7 @@ def prepare_data(work: str, vocab_size: int, max_train_bytes: int) -> str:
 
 TINY_SHAPE = [
     "--decoder-layers", "4", "--decoder-embed-dim", "128", "--decoder-ffn-embed-dim", "512",
+    "--decoder-input-dim", "128", "--decoder-output-dim", "128",  # transformer_lm defaults to 512
     "--decoder-attention-heads", "4", "--share-decoder-input-output-embed",
 ]
 
