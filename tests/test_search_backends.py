@@ -4,6 +4,7 @@ Exact backends must return exactly the brute-force top-k; approximate ones a
 recall over a threshold. Eviction order and per-stream reset hold for all.
 """
 
+import faiss
 import numpy as np
 import pytest
 import torch
@@ -20,6 +21,18 @@ APPROXIMATE_BACKENDS = [name for name, cls in BACKENDS.items() if cls.approximat
 # Small IVF: 16 lists, trained once a stream holds 39 * 16 = 624 keys, so the
 # tests below run through the index, not the exact fallback.
 IVF_OPTIONS = {"nlist": 16, "nprobe": 6}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_faiss_thread():
+    """Correctness only: tiny searches run several times faster on one OpenMP
+    thread than on two when the cores are shared with other work."""
+    threads, torch_threads = faiss.omp_get_max_threads(), torch.get_num_threads()
+    faiss.omp_set_num_threads(1)
+    torch.set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(threads)
+    torch.set_num_threads(torch_threads)
 
 
 def make_memory(backend, num_streams=1, memory_size=1000, dtype="fp32"):
@@ -134,6 +147,9 @@ def test_eviction_keeps_exactly_the_newest_entries(backend):
     positions = found.positions[0]
     valid = positions[found.mask[0]]
     assert ((valid >= 650) & (valid < 1650)).all(), "an evicted entry was returned"
+    # a stale index entry would carry the evicted key's score, not the held key's
+    true_scores = (queries.unsqueeze(3) * found.keys).sum(-1)
+    torch.testing.assert_close(found.scores[found.mask], true_scores[found.mask])
     # a held key finds itself first (its own list is the first one probed)
     assert (positions[:, : len(held), 0] == torch.tensor(held)).all()
     for i, position in enumerate(evicted):

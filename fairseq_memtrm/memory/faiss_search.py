@@ -176,3 +176,104 @@ class FaissIVFSearch(SearchBackend):
             distances, labels = index.search(host_queries[head], k)
             scores[head], slots[head] = faiss_results(distances, labels, torch.device("cpu"))
         return scores.to(queries.device, queries.dtype), slots.to(queries.device)
+
+
+class BlockIndexes:
+    """HNSW indexes (one per head) of one lap of one ring block; ids = ring slots.
+
+    ``valid_from``: slots below it were overwritten by the next lap and are
+    filtered out of search results (HNSW cannot delete).
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, hnsw_m: int, ef_construction: int):
+        self.heads = []
+        for _ in range(num_heads):
+            index = faiss.IndexIDMap(faiss.IndexHNSWFlat(head_dim, hnsw_m, faiss.METRIC_INNER_PRODUCT))
+            faiss.downcast_index(index.index).hnsw.efConstruction = ef_construction
+            self.heads.append(index)
+        self.valid_from = 0
+
+
+@register_backend
+class FaissHNSWSearch(SearchBackend):
+    """Approximate search: the ring is ``num_blocks`` blocks, each lap of a block
+    its own HNSW graph per head (ids = ring slots), added to as keys arrive.
+
+    When the ring wraps into a block, its previous lap's graphs stay searchable
+    with the overwritten slots filtered out, and are dropped once the new lap
+    has replaced the whole block: eviction never rebuilds a graph, and search
+    sees exactly the entries the ring holds. Each query searches every live
+    graph (at most ``num_blocks + 1``) and the results are merged.
+    """
+
+    name = "faiss-hnsw"
+    approximate = True
+
+    def __init__(self, *args, num_blocks: int = 4, hnsw_m: int = 32, ef_search: int = 64,
+                 ef_construction: int = 40, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.block_size = max(1, -(-self.memory_size // num_blocks))
+        self.hnsw_m, self.ef_search, self.ef_construction = hnsw_m, ef_search, ef_construction
+        # stream -> block -> [previous lap or None, current lap]
+        self.laps: Dict[int, Dict[int, List[Optional[BlockIndexes]]]] = {}
+
+    @classmethod
+    def index_bytes_per_entry(cls, num_heads: int, head_dim: int, hnsw_m: int = 32) -> int:
+        """fp32 key, int64 id and about 2 * M int32 level-0 links per head (upper levels ~ +3%)."""
+        return num_heads * (head_dim * 4 + 8 + int(2 * hnsw_m * 4 * 1.03))
+
+    def is_indexed(self, stream: int) -> bool:
+        return bool(self.laps.get(stream))
+
+    def on_reset(self, stream):
+        self.laps.pop(stream, None)
+
+    def on_add(self, stream, slots, keys):
+        slots = slots.detach().cpu()
+        if slots.numel() >= self.memory_size:  # the whole ring is rewritten at once
+            self.laps.pop(stream, None)
+        blocks = self.laps.setdefault(stream, {})
+        host_keys = host_float32(keys)
+        block_of = slots // self.block_size
+        # slots are consecutive (mod memory_size): split them into runs per block
+        cut = (block_of[1:] != block_of[:-1]).nonzero().flatten().add(1).tolist()
+        for run_start, run_end in zip([0] + cut, cut + [slots.numel()]):
+            block = int(block_of[run_start])
+            first, last = int(slots[run_start]), int(slots[run_end - 1])
+            laps = blocks.setdefault(block, [None, None])
+            if laps[1] is None or first == block * self.block_size:  # a new lap of this block
+                laps[0], laps[1] = laps[1], BlockIndexes(
+                    self.num_heads, self.head_dim, self.hnsw_m, self.ef_construction)
+            if laps[0] is not None:
+                laps[0].valid_from = last + 1
+                block_end = min((block + 1) * self.block_size, self.memory_size)
+                if laps[0].valid_from >= block_end:
+                    laps[0] = None  # fully replaced
+            ids = slots[run_start:run_end].numpy().astype(np.int64)
+            for head, index in enumerate(laps[1].heads):
+                index.add_with_ids(np.ascontiguousarray(host_keys[head, run_start:run_end]), ids)
+
+    def search(self, stream, queries, keys, k):
+        heads, seq_len, _ = queries.shape
+        host_queries = host_float32(queries)
+        live = []  # (lap, search parameters)
+        for block, laps in sorted(self.laps.get(stream, {}).items()):
+            for lap in laps:
+                if lap is None:
+                    continue
+                params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, k))
+                if lap.valid_from > block * self.block_size:
+                    lap.selector = faiss.IDSelectorRange(lap.valid_from, (block + 1) * self.block_size)
+                    params.sel = lap.selector  # the parameters keep no reference: lap does
+                live.append((lap, params))
+        all_scores, all_slots = [], []
+        for lap, params in live:
+            results = [lap.heads[head].search(host_queries[head], k, params=params) for head in range(heads)]
+            all_scores.append(np.stack([distances for distances, _ in results]))
+            all_slots.append(np.stack([labels for _, labels in results]))
+        scores, slots = faiss_results(np.concatenate(all_scores, -1), np.concatenate(all_slots, -1),
+                                      torch.device("cpu"))
+        scores, order = scores.topk(k, dim=-1)
+        slots = slots.gather(-1, order)
+        return scores.to(queries.device, queries.dtype), slots.masked_fill(scores == float("-inf"), -1).to(
+            queries.device)

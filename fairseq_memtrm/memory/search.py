@@ -125,7 +125,9 @@ class ExactSearch(SearchBackend):
         slots = (best_groups.unsqueeze(-1) * group + offsets).view(heads, seq_len * k * group)
         valid = slots < num_keys  # only the last group can overhang
         slots = slots.clamp_(max=num_keys - 1)
-        candidates = torch.stack([keys[h].index_select(0, slots[h]) for h in range(heads)])
+        candidates = keys.new_empty(heads, seq_len * k * group, dim)
+        for head in range(heads):  # into one buffer: stacking copies 100+ MB again
+            torch.index_select(keys[head], 0, slots[head], out=candidates[head])
         candidates = candidates.view(heads, seq_len, k * group, dim).to(queries.dtype)
         scores = torch.einsum("htcd,htd->htc", candidates, queries)  # (H, T, k * group)
         scores = scores.masked_fill_(~valid.view_as(scores), float("-inf"))

@@ -1,0 +1,530 @@
+#!/usr/bin/env python
+"""Benchmark the kNN memory's search backends, side by side in one run.
+
+For each memory size (default 8K / 65K / 262K tokens) and each backend
+(``--memory-backend``: exact, faiss-flat, faiss-ivf) it measures
+
+* search time for one segment of ``--segment`` queries, against the compute
+  bound of the same search (2 * T * N * H * D flops at this machine's sgemm
+  rate, measured at start-up);
+* recall@k of each approximate backend against ``exact`` on the same queries;
+* the training step time (forward, backward, Adam) of the memorizing model with
+  a full memory, relative to the vanilla ``transformer_lm`` of the same shape;
+* memory RAM: the estimate the plugin checks before training
+  (``memory_bytes``), the process's RSS growth while the memory is filled, the
+  process's peak RSS, and whether 4 streams of each size fit in 24 GiB;
+* a torch profile of the memorizing step (``--profile-size``), labelled
+  ``knn_memory.search`` / ``knn_memory.add``, showing where the time goes.
+
+Keys and queries are real: the script first trains the model (8 heads x 32
+dims by default, byte-level tokens, ``--train-updates`` Adam steps on
+``../shared/data/books/train`` or, without it, the Python standard library's
+``.py`` files), then reads one long held-out document through it and captures
+the memory layer's normalised keys, values and the next segment's queries.
+
+Prints a table, writes ``--output`` (JSON). The machine (CPU, cores, threads,
+load average before and after: other processes share it) is stated in both.
+
+Examples::
+
+    python scripts/bench_memory.py --output docs/bench_memory.json
+    python scripts/bench_memory.py --memory-sizes 8192,65536 --train-updates 50 --repeats 2
+"""
+
+import argparse
+import gc
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import faiss
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from fairseq import options, tasks  # noqa: E402
+from fairseq.data import Dictionary  # noqa: E402
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
+
+from fairseq_memtrm.memory import KNNMemory, memory_bytes  # noqa: E402
+from fairseq_memtrm.memory.search import BACKENDS  # noqa: E402
+
+logger = logging.getLogger("bench_memory")
+BOOKS = REPO.parent / "shared" / "data" / "books"
+GIB = 2**30
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--memory-sizes", default="8192,65536,262144", help="comma-separated memory sizes (tokens)")
+    parser.add_argument("--backends", default=",".join(sorted(BACKENDS)), help="comma-separated backends")
+    parser.add_argument("--segment", type=int, default=512, help="tokens per segment (queries per search)")
+    parser.add_argument("--knn-k", type=int, default=32, help="entries retrieved per query and head")
+    parser.add_argument("--layers", type=int, default=6, help="decoder layers")
+    parser.add_argument("--embed-dim", type=int, default=256, help="model width")
+    parser.add_argument("--heads", type=int, default=8, help="attention heads (head_dim = embed_dim / heads)")
+    parser.add_argument("--memory-dtype", choices=["fp32", "fp16"], default="fp32", help="memory storage dtype")
+    parser.add_argument("--train-updates", type=int, default=200, help="Adam updates before capturing keys")
+    parser.add_argument("--train-batch", type=int, default=2, help="segments per training update")
+    parser.add_argument("--ivf-nprobe", default="8,16,32", help="nprobe values whose recall/search time are listed "
+                        "(the step uses the backend default)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions first (builds indexes)")
+    parser.add_argument("--skip-steps", action="store_true", help="search measurements only (no model steps)")
+    parser.add_argument("--profile-size", type=int, default=65536, help="memory size of the profiled step (0: none)")
+    parser.add_argument("--profile-backend", default="faiss-ivf", help="backend of the profiled step")
+    parser.add_argument("--corpus", choices=["auto", "books", "stdlib"], default="auto",
+                        help="books: ../shared/data/books; stdlib: Python's own .py files; auto: books if present")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--save-captured", help="also save the captured keys/queries here (torch.save)")
+    parser.add_argument("--load-captured", help="skip training and capture: reuse --save-captured output")
+    parser.add_argument("--output", default="bench_memory.json", help="JSON results file")
+    args = parser.parse_args()
+    args.memory_sizes = [int(size) for size in args.memory_sizes.split(",")]
+    args.backends = [name for name in args.backends.split(",") if name]
+    args.ivf_nprobe = [int(n) for n in args.ivf_nprobe.split(",") if n]
+    unknown = [name for name in args.backends + [args.profile_backend] if name not in BACKENDS]
+    if unknown:
+        parser.error(f"unknown backend(s) {unknown}; choose from {sorted(BACKENDS)}")
+    if args.embed_dim % args.heads:
+        parser.error("--embed-dim must be a multiple of --heads")
+    return args
+
+
+# ------------------------------------------------------------------ machine
+def current_rss() -> int:
+    """Resident set size now, in bytes (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def sgemm_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """This machine's fp32 matmul rate now (best of ``repeats``), the compute bound's unit."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = min(timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * size**3 / best / 1e9
+
+
+def machine_info() -> Dict:
+    return {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "faiss_threads": faiss.omp_get_max_threads(),
+        "ram_gib": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GIB, 1),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "faiss": faiss.__version__,
+        "load_average_start": os.getloadavg(),
+    }
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def median_time(fn, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    return statistics.median(timed(fn) for _ in range(repeats))
+
+
+# ------------------------------------------------------------------- corpus
+def load_corpus(choice: str) -> Tuple[List[bytes], bytes, str]:
+    """(training documents, one long held-out document, description), as bytes."""
+    if choice in ("auto", "books") and (BOOKS / "train").is_dir():
+        train = [path.read_bytes() for path in sorted((BOOKS / "train").glob("*.txt"))]
+        held_out = max((path.read_bytes() for path in sorted((BOOKS / "test").glob("*.txt"))), key=len)
+        return train, held_out, f"books ({BOOKS}), held-out: longest test book"
+    if choice == "books":
+        raise SystemExit(f"bench_memory: --corpus books needs {BOOKS}/train and test; use --corpus stdlib")
+    stdlib = Path(os.path.dirname(os.__file__))
+    files = sorted(stdlib.rglob("*.py"))
+    train = [path.read_bytes() for path in files if path.name[0].lower() < "n"]
+    # one long document: the held-out half of the library, file after file
+    held_out = b"\n".join(path.read_bytes() for path in files if path.name[0].lower() >= "n")
+    return train, held_out, f"Python standard library .py files ({stdlib}), held-out: files n-z concatenated"
+
+
+# ------------------------------------------------------------------- models
+NSPECIAL = 4  # fairseq's <s> <pad> </s> <unk>; byte b is symbol NSPECIAL + b
+
+
+def byte_tokens(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).long() + NSPECIAL
+
+
+def build_model(data_dir: str, arch: str, args, extra=()) -> torch.nn.Module:
+    parser = options.get_training_parser()
+    parsed = options.parse_args_and_arch(parser, [
+        data_dir, "--user-dir", str(REPO / "fairseq_memtrm"), "--task", "language_modeling", "--arch", arch,
+        "--tokens-per-sample", str(args.segment), "--cpu",
+        "--decoder-layers", str(args.layers), "--decoder-embed-dim", str(args.embed_dim),
+        "--decoder-ffn-embed-dim", str(4 * args.embed_dim), "--decoder-attention-heads", str(args.heads),
+        "--share-decoder-input-output-embed", *extra,
+    ])
+    cfg = convert_namespace_to_omegaconf(parsed)
+    task = tasks.setup_task(cfg.task)
+    torch.manual_seed(args.seed)
+    return task.build_model(cfg.model)
+
+
+def build_models(args):
+    """(memorizing model, vanilla transformer_lm of the same shape), byte vocabulary."""
+    with tempfile.TemporaryDirectory() as data_dir:
+        dictionary = Dictionary()
+        for byte in range(256):
+            dictionary.add_symbol(f"<0x{byte:02X}>")
+        dictionary.save(os.path.join(data_dir, "dict.txt"))
+        memorizing = build_model(data_dir, "memorizing_transformer_lm", args, [
+            "--memory-size", str(max(args.memory_sizes)), "--knn-k", str(args.knn_k),
+            "--memory-dtype", args.memory_dtype,
+        ])
+        vanilla = build_model(data_dir, "transformer_lm", args)
+    return memorizing, vanilla
+
+
+def lm_loss(model, tokens: torch.Tensor, **net_input) -> torch.Tensor:
+    """Next-token cross entropy of ``tokens`` (B, T + 1)."""
+    logits, _ = model(tokens[:, :-1], **net_input)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), tokens[:, 1:].reshape(-1))
+
+
+def train(model, documents: List[bytes], args) -> List[float]:
+    """Plain Adam on random windows of the training documents (memory empty:
+    every row starts a document), so that keys and queries are a trained model's."""
+    rng = np.random.default_rng(args.seed)
+    documents = [doc for doc in documents if len(doc) > args.segment + 1]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    losses = []
+    for update in range(args.train_updates):
+        rows = []
+        for _ in range(args.train_batch):
+            doc = documents[rng.integers(len(documents))]
+            start = rng.integers(len(doc) - args.segment - 1)
+            rows.append(byte_tokens(doc[start : start + args.segment + 1]))
+        tokens = torch.stack(rows)
+        optimizer.zero_grad()
+        loss = lm_loss(model, tokens, doc_start=torch.ones(len(rows), dtype=torch.bool), stream_id="bench-train")
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if update % 50 == 0 or update == args.train_updates - 1:
+            logger.info("train update %d/%d: loss %.3f (bits/byte %.2f)", update + 1, args.train_updates,
+                        loss.item(), loss.item() / np.log(2))
+    model.memory_bank.clear()
+    return losses
+
+
+@torch.no_grad()
+def capture(model, document: bytes, num_tokens: int, segment: int) -> Dict[str, torch.Tensor]:
+    """Run ``num_tokens`` + one segment of ``document`` through the model (memory
+    off) and keep the first memory layer's normalised keys, values (H, N, D) of
+    the first ``num_tokens`` and the unit queries (H, T, D) of the segment after."""
+    attention = model.memory_attentions()[0]
+    seen: List[torch.Tensor] = []
+    hook = attention.register_forward_pre_hook(  # the decoder layer passes query=... by keyword
+        lambda module, args, kwargs: seen.append(kwargs["query"] if "query" in kwargs else args[0]), with_kwargs=True
+    )
+    tokens = byte_tokens(document)
+    needed = num_tokens + segment + 1
+    if tokens.numel() < needed:  # a short corpus is read again, as a longer document
+        tokens = tokens.repeat(-(-needed // tokens.numel()))
+    model.eval()
+    keys, values = [], []
+    try:
+        for start in range(0, num_tokens + segment, segment):
+            model.decoder(tokens[None, start : start + segment])  # no memory bound: plain attention
+            hidden = seen.pop()  # (T, 1, C)
+            keys.append(F.normalize(attention._split_heads(attention.k_proj(hidden))[0], dim=-1))
+            values.append(attention._split_heads(attention.v_proj(hidden))[0])
+            queries = F.normalize(attention._split_heads(attention.q_proj(hidden))[0], dim=-1)
+    finally:
+        hook.remove()
+    return {
+        "keys": torch.cat(keys[:-1], dim=1)[:, :num_tokens],
+        "values": torch.cat(values[:-1], dim=1)[:, :num_tokens],
+        "queries": queries,
+        "segment_tokens": tokens[None, num_tokens : num_tokens + segment + 1],
+    }
+
+
+def fill(memory: KNNMemory, keys: torch.Tensor, values: torch.Tensor, chunk: int = 8192) -> None:
+    """Write ``keys``/``values`` (H, N, D) into stream 0 of ``memory``, in chunks."""
+    for start in range(0, keys.size(1), chunk):
+        memory.add(keys[None, :, start : start + chunk], values[None, :, start : start + chunk])
+
+
+# ------------------------------------------------------------- measurements
+def configured_memory(backend: str, memory_size: int, heads: int, head_dim: int, args, **options) -> KNNMemory:
+    memory = KNNMemory(1, heads, head_dim, memory_size, args.memory_dtype, backend)
+    if options:
+        memory.backend = BACKENDS[backend](1, heads, head_dim, memory_size, **options)
+    return memory
+
+
+def bench_naive(captured, memory_size: int, args) -> Dict:
+    """The reference point: one ``q @ K.T`` score matrix per head, then ``topk``."""
+    keys, queries = captured["keys"][:, :memory_size], captured["queries"]
+    heads, _, head_dim = keys.shape
+    search_s = median_time(lambda: torch.bmm(queries, keys.transpose(1, 2)).topk(args.knn_k, dim=-1),
+                           args.repeats, args.warmup)
+    return {"memory_size": memory_size, "backend": "naive q@K.T+topk", "options": {}, "search_s": search_s,
+            "compute_bound_s": 2 * queries.size(1) * memory_size * heads * head_dim / (args.gflops * 1e9),
+            "estimated_bytes_per_stream": 4 * heads * queries.size(1) * memory_size, "rss_growth_bytes": 0,
+            "recall": 1.0}
+
+
+def bench_search(captured, memory_size: int, backend: str, args, exact=None, **options) -> Dict:
+    """Search time per segment, recall against exact, RAM of one stream's memory."""
+    keys, values, queries = captured["keys"], captured["values"], captured["queries"]
+    heads, _, head_dim = keys.shape
+    gc.collect()
+    rss_before = current_rss()
+    memory = configured_memory(backend, memory_size, heads, head_dim, args, **options)
+    fill(memory, keys[:, :memory_size], values[:, :memory_size])
+    search = lambda: memory.search(queries[None], args.knn_k)  # noqa: E731
+    search_s = median_time(search, args.repeats, args.warmup)  # warm-up builds an index
+    found = search()
+    result = {
+        "memory_size": memory_size, "backend": backend, "options": options,
+        "search_s": search_s,
+        "compute_bound_s": 2 * queries.size(1) * memory_size * heads * head_dim / (args.gflops * 1e9),
+        "estimated_bytes_per_stream": memory_bytes(memory_size, heads, head_dim, args.memory_dtype, backend),
+        "rss_growth_bytes": current_rss() - rss_before,
+        "positions": found.positions[0],
+    }
+    result["scores"] = found.scores[0]
+    if exact is not None:
+        # Real keys repeat (the same context gives the same key), so the k-th
+        # best score is often tied: any entry scoring at least the exact k-th
+        # best is a correct answer, whichever of the tied slots it is.
+        kth_best = exact["scores"][..., -1:]
+        hits = found.mask[0] & (found.scores[0] >= kth_best - 1e-5)
+        result["recall"] = hits.float().mean().item()
+    del memory
+    return result
+
+
+def bench_step(model, vanilla, captured, memory_size: int, backend: str, args) -> Dict:
+    """Training step time with a full memory vs the vanilla model, same segment."""
+    tokens = captured["segment_tokens"]
+    model.memory_bank.clear()
+    model.memory_bank.memory_size, model.memory_bank.backend = memory_size, backend
+    memories = model.memory_bank.select("bench", 1, torch.ones(1, dtype=torch.bool), tokens.device)
+    for memory in memories.values():
+        fill(memory, captured["keys"][:, :memory_size], captured["values"][:, :memory_size])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
+
+    def step():
+        optimizer.zero_grad()
+        lm_loss(model, tokens, doc_start=torch.zeros(1, dtype=torch.bool), stream_id="bench").backward()
+        optimizer.step()
+
+    model.train()
+    step_s = median_time(step, args.repeats, args.warmup)
+    model.memory_bank.clear()
+    return {"memory_size": memory_size, "backend": backend, "step_s": step_s}
+
+
+def vanilla_step_time(vanilla, captured, args) -> float:
+    tokens = captured["segment_tokens"]
+    optimizer = torch.optim.Adam(vanilla.parameters(), lr=1e-5)
+
+    def step():
+        optimizer.zero_grad()
+        lm_loss(vanilla, tokens).backward()
+        optimizer.step()
+
+    vanilla.train()
+    return median_time(step, args.repeats, args.warmup)
+
+
+def profile_step(model, captured, args) -> Dict:
+    """torch profile of memorizing steps: where the time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tokens = captured["segment_tokens"]
+    model.memory_bank.clear()
+    model.memory_bank.memory_size, model.memory_bank.backend = args.profile_size, args.profile_backend
+    memories = model.memory_bank.select("bench", 1, torch.ones(1, dtype=torch.bool), tokens.device)
+    for memory in memories.values():
+        fill(memory, captured["keys"][:, : args.profile_size], captured["values"][:, : args.profile_size])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
+    model.train()
+
+    def step():
+        optimizer.zero_grad()
+        with torch.profiler.record_function("forward"):
+            loss = lm_loss(model, tokens, doc_start=torch.zeros(1, dtype=torch.bool), stream_id="bench")
+        with torch.profiler.record_function("backward"):
+            loss.backward()
+        with torch.profiler.record_function("optimizer"):
+            optimizer.step()
+
+    step()  # warm-up (builds the index)
+    steps = max(1, args.repeats)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = prof.key_averages()
+    labelled = {
+        event.key: event.cpu_time_total / 1e6 / steps
+        for event in events
+        if event.key in ("forward", "backward", "optimizer", "knn_memory.search", "knn_memory.add")
+    }
+    table = events.table(sort_by="self_cpu_time_total", row_limit=15)
+    model.memory_bank.clear()
+    return {"memory_size": args.profile_size, "backend": args.profile_backend,
+            "seconds_per_step": labelled, "top_ops": table}
+
+
+# --------------------------------------------------------------------- main
+def main():
+    logging.basicConfig(format="%(asctime)s | %(message)s", level=logging.INFO, stream=sys.stdout)
+    args = parse_args()
+    torch.manual_seed(args.seed)
+    machine = machine_info()
+    args.gflops = sgemm_gflops()
+    machine["sgemm_gflops"] = round(args.gflops, 1)
+    logger.info("machine: %s", machine)
+
+    train_docs, held_out, corpus = load_corpus(args.corpus)
+    model, vanilla = build_models(args)
+    if args.load_captured:
+        saved = torch.load(args.load_captured)
+        model.load_state_dict(saved["model"])
+        captured, losses, corpus = saved["captured"], saved["losses"], saved["corpus"]
+        if captured["keys"].size(1) < max(args.memory_sizes):
+            raise SystemExit(f"bench_memory: {args.load_captured} holds {captured['keys'].size(1)} keys, "
+                             f"fewer than --memory-sizes needs; capture again")
+    else:
+        logger.info("training %d updates on %s", args.train_updates, corpus)
+        losses = train(model, train_docs, args)
+        captured = capture(model, held_out, max(args.memory_sizes), args.segment)
+        if args.save_captured:
+            torch.save({"model": model.state_dict(), "captured": captured, "losses": losses, "corpus": corpus},
+                       args.save_captured)
+    vanilla.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if not k.endswith(("memory_gate", "memory_log_scale"))}
+    )
+    heads, _, head_dim = captured["keys"].shape
+    logger.info("captured %d keys x %d heads x %d dims", captured["keys"].size(1), heads, head_dim)
+
+    searches, steps = [], []
+    vanilla_s = float("nan") if args.skip_steps else vanilla_step_time(vanilla, captured, args)
+    logger.info("vanilla step: %.3f s", vanilla_s)
+    for memory_size in args.memory_sizes:
+        searches.append(bench_naive(captured, memory_size, args))
+        exact = bench_search(captured, memory_size, "exact", args)
+        for backend in args.backends:
+            variants = [{}]
+            if BACKENDS[backend].approximate and backend == "faiss-ivf":
+                variants = [{"nprobe": n} for n in args.ivf_nprobe]
+            for options in variants:
+                result = exact if (backend == "exact" and not options) else bench_search(
+                    captured, memory_size, backend, args, exact, **options)
+                result.setdefault("recall", 1.0 if not BACKENDS[backend].approximate else None)
+                searches.append(result)
+                logger.info("search %7d %-10s %-14s %.3f s (bound %.3f s) recall %s", memory_size, backend,
+                            options or "", result["search_s"], result["compute_bound_s"], result["recall"])
+            if args.skip_steps:
+                continue
+            step = bench_step(model, vanilla, captured, memory_size, backend, args)
+            step["relative_to_vanilla"] = step["step_s"] / vanilla_s
+            steps.append(step)
+            logger.info("step   %7d %-10s %.3f s = %.2fx vanilla", memory_size, backend, step["step_s"],
+                        step["relative_to_vanilla"])
+    profile = profile_step(model, captured, args) if args.profile_size and not args.skip_steps else None
+
+    num_layers = len(model.memory_layer_ids)
+    fits = {
+        f"{backend} {size}": 4 * num_layers * memory_bytes(size, heads, head_dim, args.memory_dtype, backend) / GIB
+        for size in args.memory_sizes for backend in args.backends
+    }
+    machine["load_average_end"] = os.getloadavg()
+    for result in searches:
+        result.pop("positions", None)
+        result.pop("scores", None)
+    report = {
+        "machine": machine,
+        "config": {key: value for key, value in vars(args).items() if key != "gflops"},
+        "corpus": corpus,
+        "model": {"layers": args.layers, "embed_dim": args.embed_dim, "heads": heads, "head_dim": head_dim,
+                  "memory_layers": model.memory_layer_ids, "vocab": "bytes (256 + 4 specials)",
+                  "train_loss_first_last": [losses[0], losses[-1]] if losses else None},
+        "vanilla_step_s": vanilla_s,
+        "search": searches,
+        "steps": steps,
+        "gib_for_4_streams": fits,
+        "peak_rss_gib": peak_rss() / GIB,
+        "profile": profile,
+    }
+    print_table(report)
+    with open(args.output, "w") as out:
+        json.dump(report, out, indent=2, default=str)
+    logger.info("wrote %s", args.output)
+
+
+def print_table(report: Dict) -> None:
+    machine = report["machine"]
+    print(f"\nmachine: {machine['cpu']}, {machine['cores']} cores, torch threads {machine['torch_threads']}, "
+          f"sgemm {machine['sgemm_gflops']} GFLOP/s, load {machine['load_average_start']} -> "
+          f"{machine['load_average_end']}")
+    print(f"vanilla step: {report['vanilla_step_s']:.3f} s; peak RSS {report['peak_rss_gib']:.2f} GiB\n")
+    print(f"{'memory':>8} {'backend':<10} {'options':<14} {'search s':>9} {'bound s':>8} {'x bound':>8} "
+          f"{'recall@k':>8} {'MiB/stream':>10} {'RSS+ MiB':>9}")
+    for r in report["search"]:
+        recall = "-" if r["recall"] is None else f"{r['recall']:.3f}"
+        options = ",".join(f"{k}={v}" for k, v in r["options"].items())
+        print(f"{r['memory_size']:>8} {r['backend']:<10} {options:<14} {r['search_s']:>9.3f} "
+              f"{r['compute_bound_s']:>8.3f} {r['search_s'] / r['compute_bound_s']:>8.1f} {recall:>8} "
+              f"{r['estimated_bytes_per_stream'] / 2**20:>10.0f} {r['rss_growth_bytes'] / 2**20:>9.0f}")
+    print(f"\n{'memory':>8} {'backend':<10} {'step s':>8} {'x vanilla':>9} {'4 streams GiB':>14}")
+    for s in report["steps"]:
+        gib = report["gib_for_4_streams"][f"{s['backend']} {s['memory_size']}"]
+        print(f"{s['memory_size']:>8} {s['backend']:<10} {s['step_s']:>8.3f} {s['relative_to_vanilla']:>9.2f} "
+              f"{gib:>14.2f}")
+    if report["profile"]:
+        profile = report["profile"]
+        print(f"\nprofile, {profile['memory_size']} tokens, {profile['backend']} (s per step): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in profile["seconds_per_step"].items()))
+        print(profile["top_ops"])
+
+
+if __name__ == "__main__":
+    main()
