@@ -16,6 +16,7 @@ from torch import Tensor
 
 from fairseq_memtrm.errors import MemtrmUserError
 
+from .chunked_memory import ChunkedKNNMemory
 from .knn_memory import KNNMemory, memory_bytes
 
 logger = logging.getLogger(__name__)
@@ -32,19 +33,38 @@ def available_bytes(device: torch.device) -> int:
 
 
 class MemoryBank:
-    """Memories of one model. ``layers`` maps a layer index to (num_heads, head_dim)."""
+    """Memories of one model. ``layers`` maps a layer index to (num_heads, head_dim).
+    ``chunk_size`` > 1 gives LongMem's chunked retrieval (:class:`ChunkedKNNMemory`)."""
 
-    def __init__(self, layers: Dict[int, tuple], memory_size: int, dtype: str, backend: str):
+    def __init__(self, layers: Dict[int, tuple], memory_size: int, dtype: str, backend: str,
+                 chunk_size: int = 1):
+        if chunk_size < 1 or memory_size % chunk_size:
+            raise MemtrmUserError(
+                f"--memory-size ({memory_size}) must be a multiple of --memory-chunk-size ({chunk_size})"
+            )
         self.layers = dict(layers)
         self.memory_size = memory_size
         self.dtype = dtype
         self.backend = backend
+        self.chunk_size = chunk_size
         self.stream_sets: Dict[str, Dict[int, KNNMemory]] = {}
 
     def bytes_per_stream(self) -> int:
+        if self.chunk_size > 1:  # the token ring is searched by nobody; chunk means by the backend
+            return sum(
+                memory_bytes(self.memory_size, h, d, self.dtype, "exact")
+                + memory_bytes(self.memory_size // self.chunk_size, h, d, self.dtype, self.backend)
+                for h, d in self.layers.values()
+            )
         return sum(
             memory_bytes(self.memory_size, h, d, self.dtype, self.backend) for h, d in self.layers.values()
         )
+
+    def _build_memory(self, num_streams: int, heads: int, dim: int):
+        if self.chunk_size > 1:
+            return ChunkedKNNMemory(num_streams, heads, dim, self.memory_size, self.chunk_size,
+                                    self.dtype, self.backend)
+        return KNNMemory(num_streams, heads, dim, self.memory_size, self.dtype, self.backend)
 
     def check_fits(self, num_streams: int, device: torch.device) -> None:
         """Fail before any work when ``num_streams`` full memories would not fit."""
@@ -89,7 +109,7 @@ class MemoryBank:
                 self.memory_size, len(self.layers), self.dtype,
             )
             memories = {
-                layer: KNNMemory(num_streams, heads, dim, self.memory_size, self.dtype, self.backend)
+                layer: self._build_memory(num_streams, heads, dim)
                 for layer, (heads, dim) in self.layers.items()
             }
             self.stream_sets[stream_set] = memories

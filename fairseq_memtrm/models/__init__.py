@@ -1,1 +1,2 @@
 from . import memorizing_transformer_lm  # noqa: F401
+from . import longmem_sidenet_lm  # noqa: F401

@@ -54,6 +54,9 @@ class KNNAugmentedAttention(MultiheadAttention):
         # Bound by the model for one forward pass; None = behave as plain attention.
         self.memory: Optional[KNNMemory] = None
         self.token_mask: Optional[Tensor] = None  # (B, T) True for tokens to write
+        # False: the layer only reads the memory and another network writes it
+        # (LongMem: the frozen backbone's keys, see models/longmem_sidenet_lm.py).
+        self.write_memory = True
         self.record_retrievals = False
         self.last_record: Optional[RetrievalRecord] = None
 
@@ -94,11 +97,12 @@ class KNNAugmentedAttention(MultiheadAttention):
             out, weights = super().forward(
                 query, key, value, key_padding_mask, None, need_weights, False, attn_mask
             )
-            memory.add(
-                F.normalize(self._split_heads(self.k_proj(query)), dim=-1),
-                self._split_heads(self.v_proj(query)),
-                self.token_mask,
-            )
+            if self.write_memory:
+                memory.add(
+                    F.normalize(self._split_heads(self.k_proj(query)), dim=-1),
+                    self._split_heads(self.v_proj(query)),
+                    self.token_mask,
+                )
             self.last_record = None
             return out, weights
 
@@ -133,7 +137,8 @@ class KNNAugmentedAttention(MultiheadAttention):
         gate = torch.sigmoid(self.memory_gate).view(1, -1, 1) * found.type_as(q)  # (B, H, T)
         mixed = local_out + gate.unsqueeze(-1) * (memory_out - local_out)
 
-        memory.add(k_unit, v, self.token_mask)  # after retrieval: never retrieve yourself
+        if self.write_memory:
+            memory.add(k_unit, v, self.token_mask)  # after retrieval: never retrieve yourself
         if self.record_retrievals:
             self.last_record = RetrievalRecord(retrieval, memory_probs.detach(), gate.detach())
 

@@ -1,0 +1,294 @@
+"""longmem_sidenet_lm: the frozen backbone writes the memory and never changes,
+the SideNet computes the LongMem recurrence, its checkpoint holds only the side
+weights yet fairseq-eval-lm loads it, and chunked retrieval equals brute force."""
+
+import copy
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fairseq import options, tasks
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
+from omegaconf import OmegaConf
+
+from fairseq_memtrm.errors import MemtrmUserError
+from fairseq_memtrm.memory import KNNMemory, MemoryBank
+from fairseq_memtrm.memory.chunked_memory import ChunkedKNNMemory
+from fairseq_memtrm.modules.knn_attention import KNNAugmentedAttention
+from fairseq_memtrm.modules.side_network import side_layer_spans
+from lm_builders import PLUGIN, TINY, random_tokens, write_dictionary
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+PRE_NORM = ["--decoder-normalize-before"]
+
+
+def build(data_dir, arch, extra=(), seed=1):
+    """(cfg, task, model) as fairseq-train builds them."""
+    args = options.parse_args_and_arch(
+        options.get_training_parser(),
+        [str(data_dir), "--user-dir", PLUGIN, "--task", "language_modeling", "--arch", arch,
+         "--tokens-per-sample", "64", "--cpu", "--optimizer", "adam", "--lr", "0.01", *extra],
+    )
+    cfg = convert_namespace_to_omegaconf(args)
+    task = tasks.setup_task(cfg.task)
+    torch.manual_seed(seed)
+    return cfg, task, task.build_model(cfg.model)
+
+
+def save_checkpoint(cfg, model, path):
+    """What fairseq's trainer writes, minus the optimizer state."""
+    torch.save({"cfg": OmegaConf.to_container(cfg), "model": model.state_dict(), "args": None,
+                "optimizer_history": [{"criterion_name": "CrossEntropyCriterion", "optimizer_name": "Adam",
+                                       "lr_scheduler_state": {}, "num_updates": 0}],
+                "extra_state": {}}, path)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dict")
+    write_dictionary(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def backbones(data_dir, tmp_path_factory):
+    """{name: path} of tiny 4-layer transformer_lm checkpoints: post-norm (fairseq's
+    default, the experiment's shape), pre-norm (final layer norm), and a post-norm
+    one with other weights."""
+    folder = tmp_path_factory.mktemp("backbones")
+    paths = {}
+    for name, extra, seed in [("post", [], 1), ("pre", PRE_NORM, 1), ("other", [], 7)]:
+        cfg, _, model = build(data_dir, "transformer_lm", TINY + ["--decoder-layers", "4", *extra], seed=seed)
+        paths[name] = folder / f"{name}.pt"
+        save_checkpoint(cfg, model, paths[name])
+    return paths
+
+
+def side_model(data_dir, backbone, extra=(), seed=2):
+    return build(data_dir, "longmem_sidenet_lm_tiny",
+                 ["--backbone-checkpoint", str(backbone), "--dropout", "0", "--memory-size", "256", *extra],
+                 seed=seed)
+
+
+def test_side_layers_cover_the_backbone_in_even_spans():
+    assert side_layer_spans(6, 3) == [(0, 2), (2, 4), (4, 6)]
+    assert side_layer_spans(4, 4) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    for backbone, side in [(5, 2), (12, 5), (24, 12)]:
+        spans = side_layer_spans(backbone, side)
+        assert spans[0][0] == 0 and spans[-1][1] == backbone
+        assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(spans, spans[1:]))
+
+
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_empty_memory_gives_the_side_layers_without_memory_and_writes_the_backbone_keys(data_dir, backbones, norm):
+    """Reference: fairseq's own backbone and plain decoder layers holding the side
+    weights, combined by the LongMem recurrence by hand."""
+    cfg, task, model = side_model(data_dir, backbones[norm], ["--memory-gate-init", "3"])
+    model.eval()
+    decoder = model.decoder
+    assert decoder.spans == [(0, 2), (2, 4)] and decoder.memory_layer_id == 0
+    assert decoder.memory_source_layer == 1  # the backbone layer side layer 0 starts from
+    _, _, backbone = build(data_dir, "transformer_lm", TINY + ["--decoder-layers", "4"]
+                           + (PRE_NORM if norm == "pre" else []), seed=5)
+    backbone.load_state_dict(torch.load(backbones[norm], weights_only=False)["model"])
+    backbone.eval()
+    plain_layers = []
+    for layer in decoder.layers:
+        plain = TransformerDecoderLayerBase(decoder.backbone.decoder.cfg, no_encoder_attn=True).eval()
+        state = {k: v for k, v in layer.state_dict().items() if "memory_" not in k}
+        plain.load_state_dict(state, strict=True)
+        plain_layers.append(plain)
+
+    tokens = random_tokens(task, 2, 16)
+    tokens[1, -3:] = task.dictionary.pad()
+    with torch.no_grad():
+        _, extra = backbone.decoder(tokens, features_only=True, return_all_hiddens=True)
+        states = extra["inner_states"]
+        x = states[0]
+        mask = backbone.decoder.buffered_future_mask(x)
+        for plain, (start, end) in zip(plain_layers, [(0, 2), (2, 4)]):
+            x = plain(x, self_attn_mask=mask, self_attn_padding_mask=tokens.eq(task.dictionary.pad()))[0]
+            x = x + states[end] - states[start]
+        if norm == "pre":
+            x = decoder.layer_norm(x)
+        x = x.transpose(0, 1)
+        if backbone.decoder.project_out_dim is not None:  # TINY's 32 dims -> transformer_lm's output dim
+            x = backbone.decoder.project_out_dim(x)
+        expected = backbone.decoder.output_layer(x)
+
+        got = model(tokens, doc_start=torch.tensor([True, True]), stream_id="test")[0]
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+        # the memory now holds the backbone's layer-1 keys and values of the real tokens
+        source = backbone.decoder.layers[1]
+        attention_input = source.self_attn_layer_norm(states[1]) if norm == "pre" else states[1]
+        keys = source.self_attn.k_proj(attention_input).view(16, 2, 4, 8).permute(1, 2, 0, 3)
+        values = source.self_attn.v_proj(attention_input).view(16, 2, 4, 8).permute(1, 2, 0, 3)
+        memory = model.memory_bank.memories("test")[0]
+        assert memory.written.tolist() == [16, 13]
+        torch.testing.assert_close(memory.keys[0, :, :16], F.normalize(keys[0], dim=-1))
+        torch.testing.assert_close(memory.values[1, :, :13], values[1, :, :13])
+
+        # the next segment reads that memory: the output moves away from the no-memory reference
+        again = model(tokens, doc_start=torch.tensor([False, False]), stream_id="test")[0]
+    assert not torch.allclose(again, expected, atol=1e-3)
+
+
+def test_backbone_never_changes_through_fairseq_trainer_steps(data_dir, backbones):
+    from fairseq.trainer import Trainer
+
+    cfg, task, model = side_model(data_dir, backbones["post"], ["--dropout", "0.1"])
+    criterion = task.build_criterion(cfg.criterion)
+    trainer = Trainer(cfg, task, model, criterion)
+    backbone = model.decoder.backbone
+    before_backbone = {k: v.clone() for k, v in backbone.live_state_dict("").items()}
+    before_side = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens = random_tokens(task, 2, 33, seed=3)
+    for step in range(3):
+        source, target = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+        sample = {"id": torch.arange(2), "nsentences": 2, "ntokens": target.numel(), "target": target,
+                  "net_input": {"src_tokens": source, "src_lengths": torch.full((2,), 32),
+                                "doc_start": torch.tensor([step == 0] * 2), "stream_id": "train"}}
+        trainer.train_step([sample])
+        assert model.training and not backbone.training  # dropout never touches the memory keys
+    after_backbone = backbone.live_state_dict("")
+    assert all(torch.equal(before_backbone[k], after_backbone[k]) for k in before_backbone)
+    assert all(p.grad is None and not p.requires_grad for p in backbone.parameters())
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before_side[k])]
+    assert any(k.startswith("decoder.layers.0.") for k in changed) and "decoder.layers.0.self_attn.memory_gate" in changed
+    # the optimizer holds exactly the SideNet's parameters
+    optimized = sum(p.numel() for group in trainer.optimizer.param_groups for p in group["params"])
+    assert optimized == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert optimized < sum(p.numel() for p in backbone.parameters())
+
+
+def test_checkpoint_holds_the_side_only_and_reloads_the_recorded_backbone(data_dir, backbones, tmp_path):
+    cfg, task, model = side_model(data_dir, backbones["post"])
+    state = model.state_dict()
+    assert not any(k.startswith("decoder.backbone.") for k in state)
+    assert os.path.isabs(cfg.model.backbone_checkpoint)
+    moved = tmp_path / "moved.pt"
+    shutil.copy(backbones["post"], moved)
+    cfg.model.backbone_checkpoint = str(moved)  # as --model-overrides would
+    fresh = task.build_model(cfg.model)
+    fresh.load_state_dict(copy.deepcopy(state), strict=True, model_cfg=cfg.model)
+    tokens = random_tokens(task, 2, 12)
+    with torch.no_grad():
+        for m in (model, fresh):
+            m.eval()
+        expected = model(tokens, doc_start=torch.tensor([True, True]), stream_id="a")[0]
+        torch.testing.assert_close(fresh(tokens, doc_start=torch.tensor([True, True]), stream_id="a")[0], expected)
+    # the live backbone keeps its final layer norm and weights after fairseq's upgrade pass
+    assert fresh.decoder.backbone.decoder.layers[0].self_attn.k_proj.weight.requires_grad is False
+
+    # the same SideNet on a backbone with other weights is refused
+    cfg.model.backbone_checkpoint = str(backbones["other"])
+    other = task.build_model(cfg.model)
+    with pytest.raises(MemtrmUserError, match="other weights"):
+        other.load_state_dict(copy.deepcopy(state), strict=True, model_cfg=cfg.model)
+
+
+def test_bad_inputs_get_clear_errors(data_dir, backbones, tmp_path):
+    with pytest.raises(MemtrmUserError, match="--backbone-checkpoint"):
+        build(data_dir, "longmem_sidenet_lm_tiny")
+    with pytest.raises(MemtrmUserError, match="not found.*model-overrides"):
+        side_model(data_dir, tmp_path / "gone.pt")
+    with pytest.raises(MemtrmUserError, match="--side-layers must be between 1 and the backbone's 4"):
+        side_model(data_dir, backbones["post"], ["--side-layers", "5"])
+    with pytest.raises(MemtrmUserError, match="multiple of --memory-chunk-size"):
+        side_model(data_dir, backbones["post"], ["--memory-chunk-size", "3"])
+    with pytest.raises(MemtrmUserError, match="--memory-source-layer"):
+        side_model(data_dir, backbones["post"], ["--memory-source-layer", "4"])
+    # a memorizing checkpoint is not a plain transformer_lm
+    cfg, _, memorizing = build(data_dir, "memorizing_transformer_lm", TINY + ["--memory-size", "64"])
+    save_checkpoint(cfg, memorizing, tmp_path / "memorizing.pt")
+    with pytest.raises(MemtrmUserError, match="plain transformer_lm"):
+        side_model(data_dir, tmp_path / "memorizing.pt")
+    # a data-bin with another dictionary
+    other_dict = tmp_path / "other-dict"
+    write_dictionary(other_dict, num_symbols=90)
+    with pytest.raises(MemtrmUserError, match="dictionary mismatch.*dict.txt"):
+        side_model(other_dict, backbones["post"])
+
+
+def test_side_attention_that_does_not_write_leaves_the_memory_alone():
+    attention = KNNAugmentedAttention(16, 2, knn_k=4)
+    attention.memory = KNNMemory(1, 2, 8, 32)
+    attention.write_memory = False
+    x = torch.randn(5, 1, 16)
+    attention(x, x, x)
+    assert attention.memory.is_empty()
+    attention.write_memory = True
+    attention(x, x, x)
+    assert int(attention.memory.written[0]) == 5
+
+
+def brute_force_chunks(history, query, c, kc, memory_size, written):
+    """Positions of the tokens of the kc chunks (still fully in a ring of
+    memory_size) whose mean key scores best against query (H, D)."""
+    complete = written // c
+    first_live = max(0, complete - memory_size // c)
+    means = torch.stack([history[:, j * c:(j + 1) * c].mean(dim=1) for j in range(first_live, complete)], dim=1)
+    best = torch.einsum("hd,hnd->hn", query, means).topk(min(kc, means.size(1)), dim=-1).indices + first_live
+    return best  # (H, kc) chunk indices
+
+
+@pytest.mark.parametrize("memory_size", [64, 16])
+def test_chunked_retrieval_equals_brute_force(memory_size):
+    torch.manual_seed(0)
+    c, heads, dim, k = 4, 2, 8, 8
+    memory = ChunkedKNNMemory(2, heads, dim, memory_size, c)
+    history = torch.randn(heads, 60, dim)
+    written = 0
+    for length in (7, 13, 5, 10):  # segments that end mid-chunk
+        keys = history[:, written:written + length].unsqueeze(0).expand(2, -1, -1, -1).clone()
+        mask = torch.ones(2, length, dtype=torch.bool)
+        mask[1] = False  # stream 1 reads only padding: never searchable
+        memory.add(keys, keys * 2, mask)
+        written += length
+    assert memory.written.tolist() == [35, 0]
+    queries = torch.randn(2, heads, 3, dim)
+    retrieval = memory.search(queries, k)
+    assert retrieval.keys.shape == (2, heads, 3, k, dim)
+    assert not retrieval.mask[1].any()
+    for h in range(heads):
+        for t in range(3):
+            chunks = brute_force_chunks(history, queries[0, :, t], c, k // c, memory_size, written)[h]
+            expected = sorted(p for j in chunks.tolist() for p in range(j * c, (j + 1) * c)
+                              if p >= written - memory_size)  # tokens the ring still holds
+            got = retrieval.positions[0, h, t][retrieval.mask[0, h, t]]
+            assert sorted(got.tolist()) == expected
+            torch.testing.assert_close(retrieval.keys[0, h, t][retrieval.mask[0, h, t]], history[h, got])
+            torch.testing.assert_close(retrieval.values[0, h, t][retrieval.mask[0, h, t]], 2 * history[h, got])
+            torch.testing.assert_close(retrieval.scores[0, h, t][retrieval.mask[0, h, t]],
+                                       history[h, got] @ queries[0, h, t])
+    memory.reset(torch.tensor([True, False]))
+    assert memory.is_empty() and not memory.search(queries, k).mask.any()
+
+
+def test_bank_builds_chunked_memories_that_the_knn_layer_reads():
+    bank = MemoryBank({0: (2, 8)}, memory_size=64, dtype="fp32", backend="exact", chunk_size=4)
+    plain = MemoryBank({0: (2, 8)}, memory_size=64, dtype="fp32", backend="exact")
+    assert bank.bytes_per_stream() > plain.bytes_per_stream()  # the chunk ring comes on top
+    memory = bank.select("s", 1, None, torch.device("cpu"))[0]
+    assert isinstance(memory, ChunkedKNNMemory)
+    attention = KNNAugmentedAttention(16, 2, knn_k=8, memory_gate_init=5.0).eval()
+    attention.memory = memory
+    x = torch.randn(6, 1, 16)
+    plain_out = attention(x, x, x)[0]  # 6 tokens: one complete chunk written
+    attention.record_retrievals = True
+    out = attention(x, x, x)[0]
+    record = attention.last_record
+    assert record.retrieval.positions.shape[-1] == 8
+    assert set(record.retrieval.positions[record.retrieval.mask].tolist()) == {0, 1, 2, 3}
+    assert not torch.allclose(out, plain_out, atol=1e-4)
+    with pytest.raises(MemtrmUserError, match="multiple of --memory-chunk-size"):
+        MemoryBank({0: (2, 8)}, memory_size=30, dtype="fp32", backend="exact", chunk_size=4)
