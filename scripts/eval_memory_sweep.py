@@ -196,8 +196,12 @@ def write_outputs(out, report):
     if sweep:
         ax.plot([r["memory_size"] for r in sweep], [r["ppl"] for r in sweep], "o-", label="memorizing fine-tune")
         ax.set_xscale("log", base=2)
+    longmem = [r for r in report["runs"] if r["name"] == "longmem" and r["memory_size"] > 0]
+    if longmem:
+        ax.plot([r["memory_size"] for r in longmem], [r["ppl"] for r in longmem], "s-", label="LongMem SideNet")
+        ax.set_xscale("log", base=2)
     for row in report["runs"]:
-        if row["name"] != "memory" or row["memory_size"] == 0:
+        if row["name"] not in ("memory", "longmem") or row["memory_size"] == 0:
             ax.axhline(row["ppl"], linestyle="--", linewidth=1,
                        label=f"{row['name']} (memory {row['memory_size']})", color=None)
     ax.set_xlabel("evaluation memory size (tokens, log scale)")
@@ -215,6 +219,9 @@ def main(argv=None):
     parser.add_argument("--memory-checkpoint", required=True, help="memorizing fine-tune checkpoint")
     parser.add_argument("--control-checkpoint", help="same updates without memory (memory size 0)")
     parser.add_argument("--vanilla-checkpoint", help="the transformer_lm checkpoint both started from")
+    parser.add_argument("--longmem-checkpoint",
+                        help="a longmem_sidenet_lm checkpoint (scripts/finetune_longmem.sh), run at every --memory-sizes")
+    parser.add_argument("--longmem-backbone", help="its backbone checkpoint, if it moved since training")
     parser.add_argument("--memory-sizes", default="0,1536,8192,32768,65536,262144",
                         help="comma-separated evaluation memory sizes for the memory checkpoint")
     parser.add_argument("--subset", default="test")
@@ -235,6 +242,8 @@ def main(argv=None):
         raise MemtrmUserError(f"--memory-sizes expects comma-separated integers, got {args.memory_sizes!r}")
 
     plan = [("memory", args.memory_checkpoint, size) for size in sizes]
+    if args.longmem_checkpoint:
+        plan += [("longmem", args.longmem_checkpoint, size) for size in sizes]
     if args.control_checkpoint:
         plan.append(("control", args.control_checkpoint, 0))
     if args.vanilla_checkpoint:
@@ -242,6 +251,8 @@ def main(argv=None):
     runs, scored_by_size, dictionary = [], {}, None
     for name, checkpoint, size in plan:
         overrides = {"memory_size": size} if size is not None else {}
+        if name == "longmem" and args.longmem_backbone:
+            overrides["backbone_checkpoint"] = os.path.abspath(args.longmem_backbone)
         logger.info("evaluating %s (%s) with memory size %s", name, checkpoint, size)
         model, task = load(checkpoint, args.data, args.subset, args.tokens_per_sample, args.batch_size,
                            overrides, args.cpu)

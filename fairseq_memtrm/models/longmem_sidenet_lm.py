@@ -51,7 +51,8 @@ from fairseq_memtrm.modules.side_network import FrozenBackbone, ResidualSideNetD
 logger = logging.getLogger(__name__)
 
 MOVED_HINT = ("pass its path: --backbone-checkpoint PATH (fairseq-train), or "
-              "--model-overrides \"{'backbone_checkpoint': 'PATH'}\" (fairseq-eval-lm, eval_memory_sweep.py)")
+              "--model-overrides \"{'backbone_checkpoint': 'PATH'}\" (fairseq-eval-lm), or "
+              "--longmem-backbone PATH (eval_memory_sweep.py)")
 
 
 @dataclass
