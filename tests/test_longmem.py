@@ -292,3 +292,53 @@ def test_bank_builds_chunked_memories_that_the_knn_layer_reads():
     assert not torch.allclose(out, plain_out, atol=1e-4)
     with pytest.raises(MemtrmUserError, match="multiple of --memory-chunk-size"):
         MemoryBank({0: (2, 8)}, memory_size=30, dtype="fp32", backend="exact", chunk_size=4)
+
+
+# ------------------------------------------------------------- CLI chain
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "BIN": str(BIN), "TOKENS_PER_SAMPLE": "64", "BATCH_SIZE": "2",
+       "MAX_UPDATE": "2"}
+
+
+def run(*cmd, env=ENV, check=True):
+    result = subprocess.run([str(c) for c in cmd], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{cmd[:2]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def eval_lm(data, checkpoint, *extra):
+    result = run(BIN / "fairseq-eval-lm", data, "--user-dir", "fairseq_memtrm", "--task", "document_lm",
+                 "--path", checkpoint, "--gen-subset", "test", "--tokens-per-sample", "64", "--batch-size", "2",
+                 "--cpu", *extra, check=False)
+    log = result.stdout + result.stderr
+    match = re.search(r"Evaluated ([\d,]+) tokens.*Perplexity: (\d+\.\d+)", log, re.S)
+    return result.returncode, log, (int(match.group(1).replace(",", "")), float(match.group(2))) if match else None
+
+
+def test_longmem_checkpoint_trains_and_evaluates_with_fairseq_eval_lm(prepared_data_bin, tmp_path):
+    """train_vanilla.sh -> finetune_longmem.sh -> fairseq-eval-lm, then the backbone moves."""
+    import json
+
+    run("bash", "scripts/train_vanilla.sh", prepared_data_bin, tmp_path / "vanilla")
+    backbone = tmp_path / "vanilla" / "checkpoint_last.pt"
+    train = run("bash", "scripts/finetune_longmem.sh", prepared_data_bin, backbone, tmp_path / "longmem",
+                env={**ENV, "MEMORY_SIZE": "512", "CHUNK_SIZE": "4"})
+    assert "num. trained:" in train.stdout + train.stderr
+    side = tmp_path / "longmem" / "checkpoint_last.pt"
+    state = torch.load(side, weights_only=False, map_location="cpu")
+    assert not any(k.startswith("decoder.backbone.") for k in state["model"])
+    assert state["cfg"]["model"]["backbone_checkpoint"] == str(backbone.resolve())
+
+    expected_tokens = json.loads((prepared_data_bin / "stats.json").read_text())["test"]["tokens"]
+    rc, log, scored = eval_lm(prepared_data_bin, side)
+    assert rc == 0 and scored, log[-3000:]
+    tokens, ppl = scored
+    assert tokens == expected_tokens and 1 < ppl < 1e4
+
+    moved = tmp_path / "elsewhere.pt"
+    backbone.rename(moved)
+    rc, log, _ = eval_lm(prepared_data_bin, side)
+    assert rc != 0 and "Traceback" not in log
+    assert "not found" in log and "--model-overrides" in log
+    rc, log, scored = eval_lm(prepared_data_bin, side, "--model-overrides", f"{{'backbone_checkpoint': '{moved}'}}")
+    assert rc == 0 and scored == (tokens, ppl), log[-3000:]
