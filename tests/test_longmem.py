@@ -315,12 +315,19 @@ def eval_lm(data, checkpoint, *extra):
     return result.returncode, log, (int(match.group(1).replace(",", "")), float(match.group(2))) if match else None
 
 
-def test_longmem_checkpoint_trains_and_evaluates_with_fairseq_eval_lm(prepared_data_bin, tmp_path):
+@pytest.fixture(scope="module")
+def vanilla_checkpoint(prepared_data_bin, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vanilla")
+    run("bash", "scripts/train_vanilla.sh", prepared_data_bin, folder)
+    return folder / "checkpoint_last.pt"
+
+
+def test_longmem_checkpoint_trains_and_evaluates_with_fairseq_eval_lm(prepared_data_bin, vanilla_checkpoint, tmp_path):
     """train_vanilla.sh -> finetune_longmem.sh -> fairseq-eval-lm, then the backbone moves."""
     import json
 
-    run("bash", "scripts/train_vanilla.sh", prepared_data_bin, tmp_path / "vanilla")
-    backbone = tmp_path / "vanilla" / "checkpoint_last.pt"
+    backbone = tmp_path / "backbone.pt"
+    shutil.copy(vanilla_checkpoint, backbone)
     train = run("bash", "scripts/finetune_longmem.sh", prepared_data_bin, backbone, tmp_path / "longmem",
                 env={**ENV, "MEMORY_SIZE": "512", "CHUNK_SIZE": "4"})
     assert "num. trained:" in train.stdout + train.stderr
@@ -342,3 +349,27 @@ def test_longmem_checkpoint_trains_and_evaluates_with_fairseq_eval_lm(prepared_d
     assert "not found" in log and "--model-overrides" in log
     rc, log, scored = eval_lm(prepared_data_bin, side, "--model-overrides", f"{{'backbone_checkpoint': '{moved}'}}")
     assert rc == 0 and scored == (tokens, ppl), log[-3000:]
+
+
+def test_staleness_is_zero_for_longmem_and_not_for_memorizing(prepared_data_bin, vanilla_checkpoint, tmp_path):
+    """scripts/measure_staleness.py: stored keys vs the final weights' keys."""
+    import json
+
+    common = [prepared_data_bin, "--user-dir", "fairseq_memtrm", "--task", "document_lm", "--memory-size", "512",
+              "--tokens-per-sample", "64", "--batch-size", "2", "--optimizer", "adam", "--lr", "0.01",
+              "--max-update", "4", "--disable-validation", "--cpu", "--log-format", "none"]
+    shape = ["--decoder-layers", "6", "--decoder-embed-dim", "256", "--decoder-input-dim", "256",
+             "--decoder-output-dim", "256", "--decoder-ffn-embed-dim", "1024", "--decoder-attention-heads", "4",
+             "--share-decoder-input-output-embed"]
+    results = {}
+    for name, model in [("longmem", ["--arch", "longmem_sidenet_lm", "--backbone-checkpoint", vanilla_checkpoint,
+                                     "--dropout", "0.1", "--memory-chunk-size", "4"]),
+                        ("memorizing", ["--arch", "memorizing_transformer_lm", *shape, "--dropout", "0",
+                                        "--finetune-from-model", vanilla_checkpoint])]:
+        run(BIN / "python", "scripts/measure_staleness.py", "--out", tmp_path / f"{name}.json", "--", *common, *model)
+        results[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    longmem, memorizing = results["longmem"], results["memorizing"]
+    assert longmem["updates"] == memorizing["updates"] == 4
+    assert longmem["entries"] > 1000 and memorizing["entries"] > 1000
+    assert min(row["min_cosine"] for row in longmem["by_age"]) > 0.9999  # the frozen backbone never drifts
+    assert memorizing["mean_cosine"] < 0.999  # no dropout: only the updated weights move the keys
