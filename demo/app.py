@@ -107,13 +107,12 @@ class DemoApp:
         self.model_lock = threading.Lock()
 
     # ----------------------------------------------------------- rendering
-    def render_page(self, report: DocumentReport, page: int) -> str:
+    def render_page(self, report: DocumentReport, token_texts, page: int) -> str:
         start = page * TOKENS_PER_PAGE
         end = min(start + TOKENS_PER_PAGE, report.num_tokens)
         gain = report.memory_gain
         spans = []
-        for index in range(start, end):
-            text = self.demo_model.token_text(int(report.token_ids[index]))
+        for index, text in zip(range(start, end), token_texts[start:end]):
             title = f"token {index}: memory gain {gain[index]:+.2f} nats" if np.isfinite(gain[index]) else f"token {index}"
             spans.append(
                 f'<span class="tok" data-token="{index}" title="{title}" '
@@ -174,6 +173,11 @@ class DemoApp:
             text = self.load_document(source, sample, pasted, upload)
             if not text.strip():
                 raise MemtrmUserError("the document is empty: paste some text, upload a .txt/.py file or pick a sample")
+            if len(text) > 40 * MAX_DOCUMENT_TOKENS:  # surely over the token limit: do not even encode it
+                raise MemtrmUserError(
+                    f"the document has {len(text):,} characters, far over the limit of "
+                    f"{MAX_DOCUMENT_TOKENS:,} tokens: cut it or upload a part of it"
+                )
             token_ids = self.demo_model.encode(text)
             progress(0, desc="reading the document")
             report = build_report(
@@ -186,6 +190,7 @@ class DemoApp:
         except MemtrmUserError as error:
             return (f"**Error:** {error.message}", "", gr.update(), None, None, session)
         session["report"] = report
+        session["token_texts"] = self.demo_model.token_texts(report.token_ids)
         pages = (report.num_tokens - 1) // TOKENS_PER_PAGE + 1
         gain = report.memory_gain[1:]
         status = (
@@ -197,7 +202,7 @@ class DemoApp:
         )
         loss_plot, distance_plot = self.summary_plots(report)
         return (
-            status, self.render_page(report, 0),
+            status, self.render_page(report, session["token_texts"], 0),
             gr.update(maximum=pages, value=1, label=f"Page (of {pages}, {TOKENS_PER_PAGE:,} tokens each)"),
             loss_plot, distance_plot, session,
         )
@@ -207,7 +212,7 @@ class DemoApp:
         if report is None or page is None:
             return gr.update()
         last_page = (report.num_tokens - 1) // TOKENS_PER_PAGE
-        return self.render_page(report, min(max(int(page) - 1, 0), last_page))
+        return self.render_page(report, session["token_texts"], min(max(int(page) - 1, 0), last_page))
 
     def select_token(self, session, event: gr.EventData):
         """A click on token ``event.token_index``: its retrieval table and gates."""
@@ -217,7 +222,7 @@ class DemoApp:
         if report is None or index is None:
             return "Read a document, then click a token.", None, None
         try:
-            details = token_details(report, int(index), self.demo_model.token_text)
+            details = token_details(report, int(index), session["token_texts"])
         except MemtrmUserError as error:
             return f"**Error:** {error.message}", None, None
         header = (

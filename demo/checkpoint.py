@@ -45,6 +45,19 @@ class DemoModel:
             ids.append(self.dictionary.eos())
         return ids
 
+    def token_texts(self, token_ids) -> List[str]:
+        """Display text of every token of a document: SentencePiece's dummy-prefix
+        space at the start of each line is dropped, so the text reads as written."""
+        eos = self.dictionary.eos()
+        texts, previous = [], eos
+        for token_id in token_ids:
+            text = self.token_text(int(token_id))
+            if previous == eos and text.startswith(" "):
+                text = text[1:]
+            texts.append(text)
+            previous = int(token_id)
+        return texts
+
     def token_text(self, token_id: int) -> str:
         """How one token reads in the document: spaces restored, ``</s>`` a line break."""
         if token_id == self.dictionary.eos():

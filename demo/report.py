@@ -286,16 +286,16 @@ def build_report(
 
 
 def token_details(
-    report: DocumentReport, index: int, token_text: Callable[[int], str], context: int = 5
+    report: DocumentReport, index: int, token_texts: Sequence[str], context: int = 5
 ) -> TokenDetails:
     """What the memory gave token ``index``: its entries with ``context`` tokens
-    either side (decoded by ``token_text(token_id)``) and the per-head gates."""
+    either side (``token_texts``: the display text of every token, (N,)) and
+    the per-head gates."""
     if not 0 <= index < report.num_tokens:
         raise MemtrmUserError(f"token {index} is outside the document (0..{report.num_tokens - 1})")
 
     def text(lo: int, hi: int) -> str:
-        lo, hi = max(lo, 0), min(hi, report.num_tokens)
-        return "".join(token_text(int(t)) for t in report.token_ids[lo:hi])
+        return "".join(token_texts[max(lo, 0) : min(hi, report.num_tokens)])
 
     entries = []
     for slot in range(report.entry_positions.shape[1]):

@@ -90,16 +90,26 @@ TINY_SHAPE = [
     "--decoder-layers", "4", "--decoder-embed-dim", "128", "--decoder-ffn-embed-dim", "512",
     "--decoder-input-dim", "128", "--decoder-output-dim", "128",  # transformer_lm defaults to 512
     "--decoder-attention-heads", "4", "--share-decoder-input-output-embed",
+    "--decoder-normalize-before",  # as the memorizing archs (base_lm_architecture); transformer_lm: off
 ]
 
 
-def train(data_bin: str, save_dir: str, stage_args, updates: int, minutes: float) -> str:
+def previous_training_hours(checkpoint: str) -> float:
+    """Training time a checkpoint has behind it: fairseq carries it into a
+    --finetune-from-model run and counts it against --stop-time-hours."""
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    return float((state.get("extra_state") or {}).get("previous_training_time", 0.0)) / 3600
+
+
+def train(data_bin: str, save_dir: str, stage_args, updates: int, minutes: float, start_hours: float = 0.0) -> str:
     """One fairseq-train run; stops after ``updates`` or ``minutes``, whichever is first."""
     run([
         os.path.join(os.path.dirname(sys.executable), "fairseq-train"), data_bin,
         "--user-dir", os.path.join(REPO, "fairseq_memtrm"), *TINY_SHAPE,
         "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--clip-norm", "1.0",
-        "--dropout", "0.0", "--max-update", str(updates), "--stop-time-hours", f"{minutes / 60:.4f}",
+        "--dropout", "0.0", "--max-update", str(updates), "--stop-time-hours", f"{start_hours + minutes / 60:.4f}",
         "--save-dir", save_dir, "--no-epoch-checkpoints", "--disable-validation",
         "--log-format", "simple", "--log-interval", "20", "--seed", "1", "--num-workers", "0",
         *(["--cpu"] if not torch_has_cuda() else []), *stage_args,
@@ -178,7 +188,7 @@ def main():
             ["--task", "document_lm", "--arch", "memorizing_transformer_lm_tiny",
              "--memory-size", str(args.memory_size), "--knn-k", "32", "--finetune-from-model", pretrained,
              "--lr", "1e-3", "--lr-scheduler", "fixed", *segments],
-            args.finetune_updates, args.finetune_minutes,
+            args.finetune_updates, args.finetune_minutes, start_hours=previous_training_hours(pretrained),
         )
     export(finetuned, data_bin, args.assets)
 

@@ -109,7 +109,7 @@ def test_two_sessions_see_their_own_retrievals(app_url):
                     cells = [c.strip() for c in rows.nth(row).locator("[role=gridcell]").all_inner_texts()]
                     rank, before, token, after, distance = cells[:5]
                     assert int(distance) > 0, cells
-                    context = before + token + after
+                    context = (before + token + after).replace("\u21b5", "\n")  # the table shows line breaks as ↵
                     assert context.strip(), cells
                     other = next(w for w in WORDS if w != word)
                     assert other not in context, f"session {word} retrieved the other session's text: {cells}"
@@ -118,5 +118,11 @@ def test_two_sessions_see_their_own_retrievals(app_url):
                     assert "".join(context.split()) in squeezed, cells
                 expect(page.locator("#gate-table")).to_contain_text("to memory")
                 page.screenshot(path=str(ARTIFACTS / f"demo_{word}.png"), full_page=True)
+            # empty input: a message in the page, not a traceback
+            page = pages[WORDS[0]]
+            page.get_by_role("radio", name="Paste").check()
+            page.locator("#pasted-text textarea").fill("   ")
+            page.locator("#run-button").click()
+            expect(page.locator("#status")).to_contain_text("the document is empty", timeout=30_000)
         finally:
             browser.close()

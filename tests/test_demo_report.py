@@ -63,6 +63,10 @@ def planted_document(dictionary, length=400, source=10, repeat=330, seed=0):
     return tokens
 
 
+def texts_of(report):
+    return [f"w{int(t)} " for t in report.token_ids]
+
+
 def report_for(model, tokens, **overrides):
     settings = dict(segment_length=64, memory_size=1024, knn_k=4, stream_id="test")
     settings.update(overrides)
@@ -76,7 +80,7 @@ def test_the_planted_repeats_source_is_the_top_retrieval(same_token_model):
     for offset in range(1, PLANTED + 1):
         # token repeat+offset is predicted by the query at repeat+offset-1,
         # whose own token first appeared at source+offset-1
-        details = token_details(report, repeat + offset, str)
+        details = token_details(report, repeat + offset, texts_of(report))
         top = details.entries[0]
         assert top.position == source + offset - 1
         assert top.distance == repeat - source
@@ -98,7 +102,7 @@ def test_scores_and_positions_equal_brute_force_cosine(same_token_model):
         query_position = index - 1
         memory_end = (query_position // 64) * 64  # earlier segments only
         cosine = torch.einsum("hd,hnd->hn", queries[:, query_position], keys[:, :memory_end])
-        details = token_details(report, index, str)
+        details = token_details(report, index, texts_of(report))
         for entry in details.entries:
             expected = max(float(cosine[h, entry.position]) for h in entry.heads)
             assert entry.score == pytest.approx(expected, abs=1e-4)
@@ -143,7 +147,7 @@ def test_small_memory_forgets_far_entries(same_token_model):
     assert distances.min() >= 0 and distances.max() <= 128 + 63
     assert distances.size == weights.size > 0
     # the planted source (320 tokens back) has been evicted, so it is not retrieved
-    assert all(e.position > 100 for e in token_details(report, 335, str).entries)
+    assert all(e.position > 100 for e in token_details(report, 335, texts_of(report)).entries)
 
 
 def test_concurrent_sessions_never_share_memory(same_token_model):
@@ -197,4 +201,21 @@ def test_bad_documents_get_clear_errors(tmp_path):
     assert gain_colour(1.0).startswith("rgba(34") and gain_colour(-1.0).startswith("rgba(220")
 
 
-needs_demo_model = pytest.mark.skipif(not os.path.isfile(DEMO_CHECKPOINT), reason="no demo model: make demo-model")
+def test_committed_demo_model_loads_encodes_and_reads():
+    """The committed demo model: fp16, <= 25 MB, with its tokenizer; text
+    round-trips through encode/token_texts as prepare_data.py normalises it;
+    a short document reads with and without memory."""
+    assert os.path.getsize(DEMO_CHECKPOINT) <= 25 * 2**20
+    state = torch.load(DEMO_CHECKPOINT, map_location="cpu")
+    assert {t.dtype for t in state["model"].values() if t.is_floating_point()} == {torch.float16}
+    demo = load_demo_model(DEMO_CHECKPOINT, cpu=True, segment_length=128)
+    text = "def f(x):\n\treturn x  \n\n\nclass Cafe:\n    pass\n"
+    assert "".join(demo.token_texts(demo.encode(text))) == "\ndef f(x):\n    return x\nclass Cafe:\n    pass\n"
+    lines = Path(os.path.dirname(os.__file__), "bisect.py").read_text(encoding="utf-8").splitlines()[:60]
+    token_ids = demo.encode("\n".join(lines))
+    report = build_report(demo.model, token_ids, segment_length=128, memory_size=1024, knn_k=8, stream_id="demo")
+    assert np.isfinite(report.loss_with_memory[1:]).all() and np.isfinite(report.loss_without_memory[1:]).all()
+    assert (report.entry_positions[:129] == -1).all() and (report.entry_positions[129:, 0] >= 0).all()
+    details = token_details(report, len(token_ids) - 1, demo.token_texts(token_ids))
+    assert 1 <= len(details.entries) <= 8 and all(0 <= e.distance < len(token_ids) for e in details.entries)
+    assert all(0 < g < 1 for g in details.gates)
