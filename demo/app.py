@@ -307,8 +307,10 @@ def main(argv=None):
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--cpu", action="store_true", help="run on CPU even where CUDA is present")
     args = parser.parse_args(argv)
-    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO)
-    for noisy in ("httpx", "httpcore", "httpcore2", "faiss.loader"):
+    # force: an imported library may already have configured the root logger at DEBUG
+    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO,
+                        force=True)
+    for noisy in ("httpx", "httpcore", "httpcore2", "faiss.loader", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         samples = list_samples(args.samples)
