@@ -100,9 +100,10 @@ def escape(text: str) -> str:
 
 
 class DemoApp:
-    def __init__(self, demo_model: DemoModel, samples: Dict[str, str]):
+    def __init__(self, demo_model: DemoModel, samples: Dict[str, str], max_tokens: int = MAX_DOCUMENT_TOKENS):
         self.demo_model = demo_model
         self.samples = samples
+        self.max_tokens = max_tokens
         # One model object serves every session: forward passes take turns.
         self.model_lock = threading.Lock()
 
@@ -173,10 +174,10 @@ class DemoApp:
             text = self.load_document(source, sample, pasted, upload)
             if not text.strip():
                 raise MemtrmUserError("the document is empty: paste some text, upload a .txt/.py file or pick a sample")
-            if len(text) > 40 * MAX_DOCUMENT_TOKENS:  # surely over the token limit: do not even encode it
+            if len(text) > 40 * self.max_tokens:  # surely over the token limit: do not even encode it
                 raise MemtrmUserError(
                     f"the document has {len(text):,} characters, far over the limit of "
-                    f"{MAX_DOCUMENT_TOKENS:,} tokens: cut it or upload a part of it"
+                    f"{self.max_tokens:,} tokens: cut it or upload a part of it"
                 )
             token_ids = self.demo_model.encode(text)
             progress(0, desc="reading the document")
@@ -184,7 +185,7 @@ class DemoApp:
                 self.demo_model.model, token_ids,
                 segment_length=self.demo_model.segment_length,
                 memory_size=int(memory_size), knn_k=int(knn_k),
-                stream_id=session["stream_id"], lock=self.model_lock,
+                stream_id=session["stream_id"], lock=self.model_lock, max_tokens=self.max_tokens,
                 progress=lambda done, total, what: progress((done, total), desc=what, unit="segments"),
             )
         except MemtrmUserError as error:
@@ -247,7 +248,7 @@ class DemoApp:
                 "# What does the kNN memory retrieve?\n"
                 f"Model: `{os.path.basename(self.demo_model.checkpoint)}`. Each token is coloured by "
                 "**loss without memory − loss with memory**: green where the memory helped, red where it "
-                f"hurt. Documents up to {MAX_DOCUMENT_TOKENS:,} tokens."
+                f"hurt. Documents up to {self.max_tokens:,} tokens."
             )
             session = gr.State({})
             with gr.Row():
@@ -303,6 +304,8 @@ def main(argv=None):
     parser.add_argument("--samples", default=None, help="folder of .txt/.py documents to offer as samples")
     parser.add_argument("--segment-length", type=int, default=None,
                         help="tokens per segment (default: the checkpoint's --tokens-per-sample)")
+    parser.add_argument("--max-document-tokens", type=int, default=MAX_DOCUMENT_TOKENS,
+                        help="longest document read (memory and time grow with it)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--cpu", action="store_true", help="run on CPU even where CUDA is present")
@@ -317,7 +320,7 @@ def main(argv=None):
         demo_model = load_demo_model(args.checkpoint, args.data, args.spm_model, args.segment_length, args.cpu)
     except MemtrmUserError as error:
         raise SystemExit(f"demo/app.py: error: {error.message}")
-    blocks = DemoApp(demo_model, samples).build()
+    blocks = DemoApp(demo_model, samples, args.max_document_tokens).build()
     print(f"Memorizing Transformer demo: http://{args.host}:{args.port}", flush=True)
     blocks.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port,
                                                      show_error=False, theme=gr.themes.Soft())

@@ -15,7 +15,7 @@ from fairseq import options, tasks
 from fairseq.data import Dictionary
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
-from demo.app import gain_colour, list_samples, read_text_file
+from demo.app import DemoApp, gain_colour, list_samples, read_text_file
 from demo.checkpoint import DEMO_CHECKPOINT, load_demo_model
 from demo.report import build_report, check_document, merge_heads, token_details
 from fairseq_memtrm.errors import MemtrmUserError
@@ -219,3 +219,26 @@ def test_committed_demo_model_loads_encodes_and_reads():
     details = token_details(report, len(token_ids) - 1, demo.token_texts(token_ids))
     assert 1 <= len(details.entries) <= 8 and all(0 <= e.distance < len(token_ids) for e in details.entries)
     assert all(0 < g < 1 for g in details.gates)
+
+
+def test_app_shows_bad_input_as_a_message(tmp_path):
+    """Empty input, non-UTF-8 bytes and an over-long document: a status message, no exception."""
+    app = DemoApp(load_demo_model(DEMO_CHECKPOINT, cpu=True, segment_length=64), {}, max_tokens=200)
+    latin1 = tmp_path / "latin1.py"
+    latin1.write_bytes(b"x = 'caf\xe9'\n")
+    no_progress = lambda *args, **kwargs: None
+    cases = {
+        "the document is empty": ("Paste", None, "  \n ", None),
+        "not UTF-8": ("Upload", None, "", str(latin1)),
+        "the demo reads at most 200": ("Paste", None, "x = 1\n" * 100, None),
+        "upload a .txt or .py file": ("Upload", None, "", str(tmp_path / "model.pt")),
+    }
+    for message, (source, sample, pasted, upload) in cases.items():
+        status, view, *_, session = app.run(source, sample, pasted, upload, 1024, 8, {}, None, progress=no_progress)
+        assert status.startswith("**Error:**") and message in status, status
+        assert "report" not in session
+    text = "x = 1\n" * 20
+    status, view, *_, session = app.run("Paste", None, text, None, 1024, 8, {}, None, progress=no_progress)
+    num_tokens = len(app.demo_model.encode(text))
+    assert status.startswith(f"Read **{num_tokens} tokens**") and view.count('class="tok"') == num_tokens
+    assert session["report"].num_tokens == num_tokens
