@@ -69,10 +69,6 @@ class DemoModel:
         return piece.replace(SPACE, " ")
 
 
-def is_local_file(path: str) -> bool:
-    return "://" not in path and os.path.isfile(path)
-
-
 def _find_assets(checkpoint: str, cfg, data: Optional[str], spm_model: Optional[str]):
     """The directory holding dict.txt and the SentencePiece model."""
     candidates = [data] if data else [os.path.dirname(os.path.abspath(checkpoint)), cfg.task.data]
@@ -103,11 +99,13 @@ def load_demo_model(
     import sentencepiece
     from fairseq import checkpoint_utils
 
-    if not is_local_file(checkpoint):
+    if "://" in checkpoint:
         raise MemtrmUserError(
             f"checkpoint {checkpoint!r} is not a local file; the demo loads only local checkpoints "
-            "(run `make demo-model` or train one with fairseq-train)"
+            "(download it yourself, or run `make demo-model`)"
         )
+    if not os.path.isfile(checkpoint):
+        raise MemtrmUserError(f"no checkpoint file {checkpoint}; run `make demo-model` or pass --checkpoint CKPT")
     state = checkpoint_utils.load_checkpoint_to_cpu(checkpoint)
     cfg = state.get("cfg")
     if cfg is None or "memorizing" not in str(cfg.model.get("_name", "")):

@@ -195,6 +195,8 @@ def test_bad_documents_get_clear_errors(tmp_path):
         read_text_file(str(latin1))
     with pytest.raises(MemtrmUserError, match="only local checkpoints"):
         load_demo_model("https://example.com/model.pt")
+    with pytest.raises(MemtrmUserError, match="no checkpoint file"):
+        load_demo_model(str(tmp_path / "missing.pt"))
     with pytest.raises(MemtrmUserError, match="not a directory"):
         list_samples(str(tmp_path / "missing"))
     assert "stdlib: argparse.py" in list_samples(None)
