@@ -84,7 +84,7 @@ def test_the_planted_repeats_source_is_the_top_retrieval(same_token_model):
         top = details.entries[0]
         assert top.position == source + offset - 1
         assert top.distance == repeat - source
-        assert top.score == pytest.approx(1.0, abs=1e-4)
+        assert top.score == pytest.approx(1.0, abs=1e-3)  # stored as fp16
         assert set(top.heads) == set(range(HEADS))  # every head agrees
 
 
@@ -105,15 +105,15 @@ def test_scores_and_positions_equal_brute_force_cosine(same_token_model):
         details = token_details(report, index, texts_of(report))
         for entry in details.entries:
             expected = max(float(cosine[h, entry.position]) for h in entry.heads)
-            assert entry.score == pytest.approx(expected, abs=1e-4)
+            assert entry.score == pytest.approx(expected, abs=1e-3)  # stored as fp16
         # an entry listed for head h is in h's brute-force top-k; the best entry is the best match
         kth_best = cosine.topk(3, dim=1).values[:, -1]
         for entry in details.entries:
-            assert all(float(cosine[h, entry.position]) >= float(kth_best[h]) - 1e-4 for h in entry.heads)
+            assert all(float(cosine[h, entry.position]) >= float(kth_best[h]) - 1e-3 for h in entry.heads)
         assert all(sum(h in e.heads for e in details.entries) <= 3 for h in range(HEADS))
         weights = [e.weight for e in details.entries]
         assert weights == sorted(weights, reverse=True)
-        assert sum(weights) <= np.mean(details.gates) + 1e-5
+        assert sum(weights) <= np.mean(details.gates) + 1e-3
 
 
 def test_losses_first_segment_and_memory_off(same_token_model):
