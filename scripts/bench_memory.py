@@ -58,7 +58,7 @@ from fairseq.data import Dictionary  # noqa: E402
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
 
 from fairseq_memtrm.memory import KNNMemory, memory_bytes  # noqa: E402
-from fairseq_memtrm.memory.search import BACKENDS  # noqa: E402
+from fairseq_memtrm.memory.search import BACKENDS, parse_backend_spec  # noqa: E402
 
 logger = logging.getLogger("bench_memory")
 BOOKS = REPO.parent / "shared" / "data" / "books"
@@ -77,8 +77,11 @@ def parse_args():
     parser.add_argument("--memory-dtype", choices=["fp32", "fp16"], default="fp32", help="memory storage dtype")
     parser.add_argument("--train-updates", type=int, default=200, help="Adam updates before capturing keys")
     parser.add_argument("--train-batch", type=int, default=2, help="segments per training update")
-    parser.add_argument("--ivf-nprobe", default="8,16,32", help="nprobe values whose recall/search time are listed "
-                        "(the step uses the backend default)")
+    parser.add_argument("--ivf-nprobe", default="8,16,32", help="faiss-ivf nprobe values whose recall and search "
+                        "time are listed (the step uses the backend's default)")
+    parser.add_argument("--hnsw-ef", default="32,64,128", help="faiss-hnsw efSearch values, likewise")
+    parser.add_argument("--recall-segments", type=int, default=4,
+                        help="segments of queries (after the memory's tokens) that recall is measured on")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions first (builds indexes)")
     parser.add_argument("--skip-steps", action="store_true", help="search measurements only (no model steps)")
@@ -86,6 +89,8 @@ def parse_args():
     parser.add_argument("--profile-backend", default="faiss-ivf", help="backend of the profiled step")
     parser.add_argument("--corpus", choices=["auto", "books", "stdlib"], default="auto",
                         help="books: ../shared/data/books; stdlib: Python's own .py files; auto: books if present")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch and faiss threads (0: their defaults); 1 gives steadier figures on a shared machine")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--save-captured", help="also save the captured keys/queries here (torch.save)")
     parser.add_argument("--load-captured", help="skip training and capture: reuse --save-captured output")
@@ -94,9 +99,9 @@ def parse_args():
     args.memory_sizes = [int(size) for size in args.memory_sizes.split(",")]
     args.backends = [name for name in args.backends.split(",") if name]
     args.ivf_nprobe = [int(n) for n in args.ivf_nprobe.split(",") if n]
-    unknown = [name for name in args.backends + [args.profile_backend] if name not in BACKENDS]
-    if unknown:
-        parser.error(f"unknown backend(s) {unknown}; choose from {sorted(BACKENDS)}")
+    args.hnsw_ef = [int(n) for n in args.hnsw_ef.split(",") if n]
+    for spec in args.backends + [args.profile_backend]:
+        parse_backend_spec(spec)  # a clear error for an unknown backend or option
     if args.embed_dim % args.heads:
         parser.error("--embed-dim must be a multiple of --heads")
     return args
@@ -250,37 +255,55 @@ def train(model, documents: List[bytes], args) -> List[float]:
     return losses
 
 
-@torch.no_grad()
-def capture(model, document: bytes, num_tokens: int, segment: int) -> Dict[str, torch.Tensor]:
-    """Run ``num_tokens`` + one segment of ``document`` through the model (memory
-    off) and keep the first memory layer's normalised keys, values (H, N, D) of
-    the first ``num_tokens`` and the unit queries (H, T, D) of the segment after."""
+def hidden_states_of(model, tokens: torch.Tensor, segment: int):
+    """Yield, per segment of ``tokens`` (N,), the memory layer's input (T, 1, C),
+    read with memory off (plain attention; segments are independent then)."""
     attention = model.memory_attentions()[0]
     seen: List[torch.Tensor] = []
     hook = attention.register_forward_pre_hook(  # the decoder layer passes query=... by keyword
         lambda module, args, kwargs: seen.append(kwargs["query"] if "query" in kwargs else args[0]), with_kwargs=True
     )
-    tokens = byte_tokens(document)
-    needed = num_tokens + segment + 1
-    if tokens.numel() < needed:  # a short corpus is read again, as a longer document
-        tokens = tokens.repeat(-(-needed // tokens.numel()))
     model.eval()
-    keys, values = [], []
     try:
-        for start in range(0, num_tokens + segment, segment):
-            model.decoder(tokens[None, start : start + segment])  # no memory bound: plain attention
-            hidden = seen.pop()  # (T, 1, C)
-            keys.append(F.normalize(attention._split_heads(attention.k_proj(hidden))[0], dim=-1))
-            values.append(attention._split_heads(attention.v_proj(hidden))[0])
-            queries = F.normalize(attention._split_heads(attention.q_proj(hidden))[0], dim=-1)
+        for start in range(0, tokens.numel(), segment):
+            model.decoder(tokens[None, start : start + segment])
+            yield start, seen.pop()
     finally:
         hook.remove()
-    return {
-        "keys": torch.cat(keys[:-1], dim=1)[:, :num_tokens],
-        "values": torch.cat(values[:-1], dim=1)[:, :num_tokens],
-        "queries": queries,
-        "segment_tokens": tokens[None, num_tokens : num_tokens + segment + 1],
-    }
+
+
+def document_tokens(document: bytes, needed: int) -> torch.Tensor:
+    tokens = byte_tokens(document)
+    if tokens.numel() < needed:  # a short corpus is read again, as a longer document
+        tokens = tokens.repeat(-(-needed // tokens.numel()))
+    return tokens
+
+
+@torch.no_grad()
+def capture_memory(model, document: bytes, num_tokens: int, segment: int) -> Dict[str, torch.Tensor]:
+    """The first memory layer's unit keys and values (H, N, D) for the first
+    ``num_tokens`` of ``document``."""
+    attention = model.memory_attentions()[0]
+    keys, values = [], []
+    for start, hidden in hidden_states_of(model, document_tokens(document, num_tokens)[:num_tokens], segment):
+        keys.append(F.normalize(attention._split_heads(attention.k_proj(hidden))[0], dim=-1))
+        values.append(attention._split_heads(attention.v_proj(hidden))[0])
+        if (start // segment) % 128 == 0:
+            logger.info("capturing keys: %d / %d tokens", start, num_tokens)
+    return {"keys": torch.cat(keys, dim=1), "values": torch.cat(values, dim=1)}
+
+
+@torch.no_grad()
+def capture_queries(model, document: bytes, num_tokens: int, segment: int, count: int) -> Dict[str, torch.Tensor]:
+    """Unit queries (S, H, T, D) of the ``count`` segments after the first
+    ``num_tokens``, and the tokens (1, T + 1) of the first of them."""
+    attention = model.memory_attentions()[0]
+    tokens = document_tokens(document, num_tokens + count * segment + 1)
+    after = tokens[num_tokens : num_tokens + count * segment]
+    queries = [F.normalize(attention._split_heads(attention.q_proj(hidden))[0], dim=-1)
+               for _, hidden in hidden_states_of(model, after, segment)]
+    return {"query_segments": torch.stack(queries), "queries": queries[0],
+            "segment_tokens": tokens[None, num_tokens : num_tokens + segment + 1]}
 
 
 def fill(memory: KNNMemory, keys: torch.Tensor, values: torch.Tensor, chunk: int = 8192) -> None:
@@ -290,54 +313,64 @@ def fill(memory: KNNMemory, keys: torch.Tensor, values: torch.Tensor, chunk: int
 
 
 # ------------------------------------------------------------- measurements
-def configured_memory(backend: str, memory_size: int, heads: int, head_dim: int, args, **options) -> KNNMemory:
-    memory = KNNMemory(1, heads, head_dim, memory_size, args.memory_dtype, backend)
-    if options:
-        memory.backend = BACKENDS[backend](1, heads, head_dim, memory_size, **options)
-    return memory
-
-
 def bench_naive(captured, memory_size: int, args) -> Dict:
     """The reference point: one ``q @ K.T`` score matrix per head, then ``topk``."""
     keys, queries = captured["keys"][:, :memory_size], captured["queries"]
     heads, _, head_dim = keys.shape
     search_s = median_time(lambda: torch.bmm(queries, keys.transpose(1, 2)).topk(args.knn_k, dim=-1),
                            args.repeats, args.warmup)
-    return {"memory_size": memory_size, "backend": "naive q@K.T+topk", "options": {}, "search_s": search_s,
+    return {"memory_size": memory_size, "backend": "naive", "options": {}, "search_s": search_s,
             "compute_bound_s": 2 * queries.size(1) * memory_size * heads * head_dim / (args.gflops * 1e9),
             "estimated_bytes_per_stream": 4 * heads * queries.size(1) * memory_size, "rss_growth_bytes": 0,
             "recall": 1.0}
 
 
-def bench_search(captured, memory_size: int, backend: str, args, exact=None, **options) -> Dict:
-    """Search time per segment, recall against exact, RAM of one stream's memory."""
+# query-time settings listed per approximate backend: (attribute, values option)
+SEARCH_SETTINGS = {"faiss-ivf": ("nprobe", "ivf_nprobe"), "faiss-hnsw": ("ef_search", "hnsw_ef")}
+
+
+def bench_search(captured, memory_size: int, backend: str, args, exact=None) -> List[Dict]:
+    """Search time per segment, recall against exact, RAM of one stream's memory:
+    one result per query-time setting of the backend (the memory is filled once)."""
     keys, values, queries = captured["keys"], captured["values"], captured["queries"]
     heads, _, head_dim = keys.shape
     gc.collect()
     rss_before = current_rss()
-    memory = configured_memory(backend, memory_size, heads, head_dim, args, **options)
+    memory = KNNMemory(1, heads, head_dim, memory_size, args.memory_dtype, backend)
     fill(memory, keys[:, :memory_size], values[:, :memory_size])
-    search = lambda: memory.search(queries[None], args.knn_k)  # noqa: E731
-    search_s = median_time(search, args.repeats, args.warmup)  # warm-up builds an index
-    found = search()
-    result = {
-        "memory_size": memory_size, "backend": backend, "options": options,
-        "search_s": search_s,
-        "compute_bound_s": 2 * queries.size(1) * memory_size * heads * head_dim / (args.gflops * 1e9),
-        "estimated_bytes_per_stream": memory_bytes(memory_size, heads, head_dim, args.memory_dtype, backend),
-        "rss_growth_bytes": current_rss() - rss_before,
-        "positions": found.positions[0],
-    }
-    result["scores"] = found.scores[0]
-    if exact is not None:
-        # Real keys repeat (the same context gives the same key), so the k-th
-        # best score is often tied: any entry scoring at least the exact k-th
-        # best is a correct answer, whichever of the tied slots it is.
-        kth_best = exact["scores"][..., -1:]
-        hits = found.mask[0] & (found.scores[0] >= kth_best - 1e-5)
-        result["recall"] = hits.float().mean().item()
+    memory.search(queries[None], args.knn_k)  # builds an index where the backend keeps one
+    rss_growth = current_rss() - rss_before
+    attribute, values_option = SEARCH_SETTINGS.get(backend, (None, None))  # a bare name only
+    settings = [{attribute: value} for value in getattr(args, values_option)] if attribute else [{}]
+    results = []
+    for options in settings:
+        for name, value in options.items():
+            setattr(memory.backend, name, value)
+        search = lambda: memory.search(queries[None], args.knn_k)  # noqa: E731
+        result = {
+            "memory_size": memory_size, "backend": backend, "options": options,
+            "search_s": median_time(search, args.repeats, args.warmup),
+            "compute_bound_s": 2 * queries.size(1) * memory_size * heads * head_dim / (args.gflops * 1e9),
+            "estimated_bytes_per_stream": memory_bytes(memory_size, heads, head_dim, args.memory_dtype, backend),
+            "rss_growth_bytes": rss_growth,
+            "recall": 1.0,  # exact backends: tests/test_search_backends.py checks equality
+        }
+        if exact is None or parse_backend_spec(backend)[0].approximate:
+            # every query segment, scored by what it finds
+            result["scores"] = [memory.search(segment[None], args.knn_k).scores[0]
+                                for segment in captured["query_segments"]]
+        if exact is not None and parse_backend_spec(backend)[0].approximate:
+            # Real keys repeat (the same context gives the same key), so the k-th
+            # best score is often tied: any entry scoring at least the exact k-th
+            # best is a correct answer, whichever of the tied slots it is.
+            hits = [
+                (scores >= kth_best[..., -1:] - 1e-5).float().mean()
+                for scores, kth_best in zip(result["scores"], exact["scores"])
+            ]
+            result["recall"] = torch.stack(hits).mean().item()
+        results.append(result)
     del memory
-    return result
+    return results
 
 
 def bench_step(model, vanilla, captured, memory_size: int, backend: str, args) -> Dict:
@@ -417,6 +450,9 @@ def profile_step(model, captured, args) -> Dict:
 def main():
     logging.basicConfig(format="%(asctime)s | %(message)s", level=logging.INFO, stream=sys.stdout)
     args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        faiss.omp_set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     machine = machine_info()
     args.gflops = sgemm_gflops()
@@ -429,16 +465,18 @@ def main():
         saved = torch.load(args.load_captured)
         model.load_state_dict(saved["model"])
         captured, losses, corpus = saved["captured"], saved["losses"], saved["corpus"]
+        args.train_updates, args.train_batch = saved["training"]["updates"], saved["training"]["batch"]
         if captured["keys"].size(1) < max(args.memory_sizes):
             raise SystemExit(f"bench_memory: {args.load_captured} holds {captured['keys'].size(1)} keys, "
                              f"fewer than --memory-sizes needs; capture again")
     else:
         logger.info("training %d updates on %s", args.train_updates, corpus)
         losses = train(model, train_docs, args)
-        captured = capture(model, held_out, max(args.memory_sizes), args.segment)
+        captured = capture_memory(model, held_out, max(args.memory_sizes), args.segment)
         if args.save_captured:
-            torch.save({"model": model.state_dict(), "captured": captured, "losses": losses, "corpus": corpus},
-                       args.save_captured)
+            torch.save({"model": model.state_dict(), "captured": captured, "losses": losses, "corpus": corpus,
+                        "training": {"updates": args.train_updates, "batch": args.train_batch}}, args.save_captured)
+    captured.update(capture_queries(model, held_out, max(args.memory_sizes), args.segment, args.recall_segments))
     vanilla.load_state_dict(
         {k: v for k, v in model.state_dict().items() if not k.endswith(("memory_gate", "memory_log_scale"))}
     )
@@ -449,19 +487,19 @@ def main():
     vanilla_s = float("nan") if args.skip_steps else vanilla_step_time(vanilla, captured, args)
     logger.info("vanilla step: %.3f s", vanilla_s)
     for memory_size in args.memory_sizes:
-        searches.append(bench_naive(captured, memory_size, args))
-        exact = bench_search(captured, memory_size, "exact", args)
+        score_matrix_bytes = 4 * captured["keys"].size(0) * args.segment * memory_size
+        if score_matrix_bytes <= 2 * GIB:
+            searches.append(bench_naive(captured, memory_size, args))
+        else:
+            logger.info("naive search at %d skipped: its score matrix alone is %.0f GiB",
+                        memory_size, score_matrix_bytes / GIB)
+        exact = bench_search(captured, memory_size, "exact", args)[0]
         for backend in args.backends:
-            variants = [{}]
-            if BACKENDS[backend].approximate and backend == "faiss-ivf":
-                variants = [{"nprobe": n} for n in args.ivf_nprobe]
-            for options in variants:
-                result = exact if (backend == "exact" and not options) else bench_search(
-                    captured, memory_size, backend, args, exact, **options)
-                result.setdefault("recall", 1.0 if not BACKENDS[backend].approximate else None)
+            results = [exact] if backend == "exact" else bench_search(captured, memory_size, backend, args, exact)
+            for result in results:
                 searches.append(result)
-                logger.info("search %7d %-10s %-14s %.3f s (bound %.3f s) recall %s", memory_size, backend,
-                            options or "", result["search_s"], result["compute_bound_s"], result["recall"])
+                logger.info("search %7d %-10s %-16s %.3f s (bound %.3f s) recall %.3f", memory_size, backend,
+                            result["options"] or "", result["search_s"], result["compute_bound_s"], result["recall"])
             if args.skip_steps:
                 continue
             step = bench_step(model, vanilla, captured, memory_size, backend, args)
@@ -478,7 +516,6 @@ def main():
     }
     machine["load_average_end"] = os.getloadavg()
     for result in searches:
-        result.pop("positions", None)
         result.pop("scores", None)
     report = {
         "machine": machine,

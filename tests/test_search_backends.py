@@ -206,6 +206,15 @@ def test_unknown_backend_names_the_choices():
         KNNMemory(1, H, D, 100, backend="annoy")
 
 
+def test_backend_options_come_from_the_spec():
+    memory = KNNMemory(1, H, D, 4096, backend="faiss-ivf:nprobe=24,nlist=32")
+    assert (memory.backend.nprobe, memory.backend.nlist) == (24, 32)
+    assert KNNMemory(1, H, D, 100, backend="exact:block_size=64").backend.block_size == 64
+    for bad in ("faiss-ivf:nprobes=4", "faiss-ivf:nprobe=many", "faiss-flat:nprobe=4"):
+        with pytest.raises(MemtrmUserError, match="KEY=NUMBER"):
+            KNNMemory(1, H, D, 100, backend=bad)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_cuda_memory_matches_cpu(backend):

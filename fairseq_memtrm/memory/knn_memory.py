@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .search import BACKENDS, build_backend
+from .search import build_backend, parse_backend_spec
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def memory_bytes(memory_size: int, num_heads: int, head_dim: int, dtype: str = "
     """Bytes one stream needs for one memory layer: keys + values + positions,
     plus what the search backend's own index keeps per entry."""
     element = torch.finfo(DTYPES[dtype]).bits // 8
-    index = BACKENDS[backend].index_bytes_per_entry(num_heads, head_dim) if backend in BACKENDS else 0
+    index = parse_backend_spec(backend)[0].index_bytes_per_entry(num_heads, head_dim)
     return memory_size * (num_heads * head_dim * 2 * element + 8 + index)
 
 

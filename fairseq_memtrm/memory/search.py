@@ -7,6 +7,7 @@ keep an index of its own in step with the ring through ``on_add``/``on_reset``.
 The attention layer never sees which backend it talks to.
 """
 
+import inspect
 from typing import Dict, Optional, Tuple, Type
 
 import torch
@@ -143,11 +144,39 @@ def register_backend(cls: Type[SearchBackend]) -> Type[SearchBackend]:
     return cls
 
 
-def build_backend(name: str, **kwargs) -> SearchBackend:
-    if name not in BACKENDS:
-        from fairseq_memtrm.errors import MemtrmUserError
+def parse_backend_spec(spec: str) -> Tuple[Type[SearchBackend], Dict[str, float]]:
+    """``"faiss-ivf:nprobe=32,nlist=1024"`` -> (the backend class, {"nprobe": 32, "nlist": 1024}).
 
-        raise MemtrmUserError(
-            f"unknown --memory-backend {name!r}; choose one of {sorted(BACKENDS)}"
-        )
-    return BACKENDS[name](**kwargs)
+    Options are the backend's own keyword arguments (numbers only), so a search
+    setting such as IVF's ``nprobe`` can be chosen from ``--memory-backend``.
+    """
+    from fairseq_memtrm.errors import MemtrmUserError
+
+    name, _, option_text = str(spec).partition(":")
+    if name not in BACKENDS:
+        raise MemtrmUserError(f"unknown --memory-backend {name!r}; choose one of {sorted(BACKENDS)}")
+    cls = BACKENDS[name]
+    accepted = [
+        parameter for parameter in inspect.signature(cls.__init__).parameters
+        if parameter not in ("self", "args", "kwargs")
+    ]
+    options: Dict[str, float] = {}
+    for item in filter(None, option_text.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if key not in accepted or number is None:
+            raise MemtrmUserError(
+                f"--memory-backend {spec!r}: {item!r} is not KEY=NUMBER for one of {name}'s options "
+                f"{accepted or '(none)'}, e.g. {name}:{accepted[0] if accepted else 'OPTION'}=VALUE"
+            )
+        options[key] = int(number) if number.is_integer() else number
+    return cls, options
+
+
+def build_backend(spec: str, **kwargs) -> SearchBackend:
+    """A backend from its ``--memory-backend`` spec: a name, optionally ``:key=value,...``."""
+    cls, options = parse_backend_spec(spec)
+    return cls(**kwargs, **options)

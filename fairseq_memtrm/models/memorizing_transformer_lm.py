@@ -37,7 +37,7 @@ from torch import Tensor
 
 from fairseq_memtrm.errors import MemtrmUserError
 from fairseq_memtrm.memory import MemoryBank
-from fairseq_memtrm.memory.search import BACKENDS
+from fairseq_memtrm.memory.search import parse_backend_spec
 from fairseq_memtrm.modules.knn_attention import KNNAugmentedAttention
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,8 @@ class MemorizingTransformerLMConfig(TransformerLanguageModelConfig):
     )
     memory_backend: str = field(
         default="exact",
-        metadata={"help": "top-k search backend: exact (blocked matmul), faiss-flat, faiss-ivf, faiss-hnsw"},
+        metadata={"help": "top-k search backend: exact (blocked matmul), faiss-flat, faiss-ivf, faiss-hnsw; "
+                  "options after a colon, e.g. faiss-ivf:nprobe=32 (see docs/benchmark.md)"},
     )
 
 
@@ -111,10 +112,7 @@ class MemorizingTransformerLanguageModel(TransformerLanguageModel):
 
     @classmethod
     def build_model(cls, args, task):
-        if args.memory_backend not in BACKENDS:
-            raise MemtrmUserError(
-                f"unknown --memory-backend {args.memory_backend!r}; choose one of {sorted(BACKENDS)}"
-            )
+        parse_backend_spec(args.memory_backend)  # a clear error for a bad name or option
         if args.knn_k < 0:
             raise MemtrmUserError(f"--knn-k must be >= 0, got {args.knn_k}")
         model = super().build_model(args, task)
