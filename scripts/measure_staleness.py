@@ -27,7 +27,6 @@ No checkpoint is written (the save dir is a temporary folder). Example::
 import argparse
 import json
 import logging
-import math
 import sys
 import tempfile
 from pathlib import Path

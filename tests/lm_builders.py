@@ -1,6 +1,8 @@
 """Build fairseq language models the way fairseq-train does, for tests."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -8,7 +10,9 @@ from fairseq import options, tasks
 from fairseq.data import Dictionary
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
-PLUGIN = str(Path(__file__).resolve().parents[1] / "fairseq_memtrm")
+REPO = Path(__file__).resolve().parents[1]
+PLUGIN = str(REPO / "fairseq_memtrm")
+BIN = Path(sys.executable).parent  # the venv's console scripts: fairseq-train, fairseq-eval-lm, ...
 
 TINY = [
     "--decoder-layers", "3", "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64",
@@ -49,3 +53,14 @@ def random_tokens(task, bsz, seq_len, seed=0):
     g = torch.Generator().manual_seed(seed)
     nspecial = task.dictionary.nspecial
     return torch.randint(nspecial, len(task.dictionary), (bsz, seq_len), generator=g)
+
+
+def run_command(*cmd, env=None, check=True, timeout=900):
+    """Run ``cmd`` from the repo root (one torch thread unless ``env`` says
+    otherwise); when ``check``, a failure raises with the tail of its output."""
+    env = env if env is not None else {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([str(c) for c in cmd], cwd=REPO, capture_output=True, text=True, env=env,
+                            timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{cmd[:2]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result

@@ -3,19 +3,15 @@ slice of real documents) -> fairseq-train --task document_lm -> fairseq-eval-lm,
 for the memorizing model and for a vanilla transformer_lm baseline."""
 
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from fairseq.data import Dictionary, data_utils
 
 from fairseq_memtrm.data import DocumentDataset
+from lm_builders import BIN, run_command
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 TRAIN = ["--user-dir", "fairseq_memtrm", "--task", "document_lm", "--tokens-per-sample", "64", "--batch-size", "2",
          "--optimizer", "adam", "--lr", "1e-3", "--cpu", "--max-update", "3", "--no-epoch-checkpoints",
          "--max-valid-steps", "2", "--log-format", "simple", "--log-interval", "1", "--no-save-optimizer-state"]
@@ -24,11 +20,7 @@ VANILLA_SHAPE = ["--decoder-layers", "2", "--decoder-embed-dim", "32", "--decode
 
 
 def run(tool, *args, check=True):
-    result = subprocess.run([str(BIN / tool), *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{tool} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
+    return run_command(BIN / tool, *args, check=check, timeout=600)
 
 
 def evaluated(result):

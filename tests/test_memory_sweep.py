@@ -6,22 +6,17 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from lm_builders import BIN, run_command
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "BIN": str(BIN), "TOKENS_PER_SAMPLE": "64", "BATCH_SIZE": "2",
        "MAX_UPDATE": "3"}
 
 
 def run(*cmd, env=ENV):
-    result = subprocess.run([str(c) for c in cmd], cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
-    if result.returncode != 0:
-        raise AssertionError(f"{cmd[:2]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    result = run_command(*cmd, env=env)
     return result.stdout + result.stderr
 
 

@@ -3,15 +3,12 @@
 import math
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from lm_builders import BIN, run_command
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 SHAPE = ["--decoder-layers", "2", "--decoder-embed-dim", "32", "--decoder-input-dim", "32",
          "--decoder-output-dim", "32", "--decoder-ffn-embed-dim", "64", "--decoder-attention-heads", "4"]
 COMMON = ["--task", "language_modeling", "--tokens-per-sample", "64", "--batch-size", "4", "--optimizer", "adam",
@@ -20,11 +17,7 @@ COMMON = ["--task", "language_modeling", "--tokens-per-sample", "64", "--batch-s
 
 
 def run(tool, *args, check=True):
-    result = subprocess.run([str(BIN / tool), *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{tool} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
+    return run_command(BIN / tool, *args, check=check, timeout=600)
 
 
 @pytest.fixture(scope="module")

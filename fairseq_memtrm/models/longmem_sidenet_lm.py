@@ -43,6 +43,7 @@ from fairseq_memtrm.memory.search import BACKENDS
 from fairseq_memtrm.models.memorizing_transformer_lm import (
     DEFAULT_STREAM_SET,
     build_memorizing_layer,
+    memory_defaults,
     parse_memory_layers,
 )
 from fairseq_memtrm.modules.knn_attention import MEMORY_PARAMETERS, KNNAugmentedAttention
@@ -302,12 +303,8 @@ def longmem_defaults(args):
     args.side_init = getattr(args, "side_init", "backbone")
     args.side_memory_layer = getattr(args, "side_memory_layer", -1)
     args.memory_source_layer = getattr(args, "memory_source_layer", -1)
-    args.memory_size = getattr(args, "memory_size", 65536)
-    args.knn_k = getattr(args, "knn_k", 32)
     args.memory_chunk_size = getattr(args, "memory_chunk_size", 1)
-    args.memory_gate_init = getattr(args, "memory_gate_init", 0.0)
-    args.memory_dtype = getattr(args, "memory_dtype", "fp32")
-    args.memory_backend = getattr(args, "memory_backend", "exact")
+    memory_defaults(args)
     args.dropout = getattr(args, "dropout", 0.1)
     args.attention_dropout = getattr(args, "attention_dropout", 0.0)
     args.activation_dropout = getattr(args, "activation_dropout", 0.0)

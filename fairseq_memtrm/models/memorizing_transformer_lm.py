@@ -19,7 +19,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-import torch
 from fairseq.dataclass import ChoiceEnum
 from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer import TransformerConfig
@@ -208,9 +207,9 @@ class MemorizingTransformerLanguageModel(TransformerLanguageModel):
 
 
 def memory_defaults(args):
+    """Defaults of the memory flags every memory-reading model shares."""
     args.memory_size = getattr(args, "memory_size", 65536)
     args.knn_k = getattr(args, "knn_k", 32)
-    args.memory_layers = getattr(args, "memory_layers", "")
     args.memory_gate_init = getattr(args, "memory_gate_init", 0.0)
     args.memory_dtype = getattr(args, "memory_dtype", "fp32")
     args.memory_backend = getattr(args, "memory_backend", "exact")
@@ -220,30 +219,35 @@ def memory_defaults(args):
 # model (the dataclass defaults); this function is the base the others extend.
 def memorizing_transformer_lm(args):
     base_lm_architecture(args)
+    args.memory_layers = getattr(args, "memory_layers", "")
     memory_defaults(args)
 
 
 @register_model_architecture("memorizing_transformer_lm", "memorizing_transformer_lm_gpt")
 def memorizing_transformer_lm_gpt(args):
     transformer_lm_gpt(args)
+    args.memory_layers = getattr(args, "memory_layers", "")
     memory_defaults(args)
 
 
 @register_model_architecture("memorizing_transformer_lm", "memorizing_transformer_lm_gpt2_small")
 def memorizing_transformer_lm_gpt2_small(args):
     transformer_lm_gpt2_small(args)
+    args.memory_layers = getattr(args, "memory_layers", "")
     memory_defaults(args)
 
 
 @register_model_architecture("memorizing_transformer_lm", "memorizing_transformer_lm_gpt2_medium")
 def memorizing_transformer_lm_gpt2_medium(args):
     transformer_lm_gpt2_medium(args)
+    args.memory_layers = getattr(args, "memory_layers", "")
     memory_defaults(args)
 
 
 @register_model_architecture("memorizing_transformer_lm", "memorizing_transformer_lm_wiki103")
 def memorizing_transformer_lm_wiki103(args):
     transformer_lm_baevski_wiki103(args)
+    args.memory_layers = getattr(args, "memory_layers", "")
     memory_defaults(args)
 
 
