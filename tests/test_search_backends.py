@@ -199,6 +199,8 @@ def test_ram_estimate_counts_the_index_copy():
     assert exact == 65536 * (8 * 32 * 2 * 2 + 8)
     assert ivf - exact == 65536 * 8 * (32 * 4 + 8)
     assert memory_bytes(65536, 8, 32, "fp32", "faiss-flat") == memory_bytes(65536, 8, 32, "fp32", "exact")
+    # HNSW links grow with M, and the spec's M is the one counted
+    assert memory_bytes(1024, 8, 32, "fp32", "faiss-hnsw:hnsw_m=64") > memory_bytes(1024, 8, 32, "fp32", "faiss-hnsw")
 
 
 def test_unknown_backend_names_the_choices():

@@ -1,6 +1,6 @@
-"""faiss search backends: ``faiss-flat`` (exact) and ``faiss-ivf`` (approximate).
+"""faiss search backends: ``faiss-flat`` (exact), ``faiss-ivf`` and ``faiss-hnsw`` (approximate).
 
-Both search the memory one (stream, head) at a time, because faiss indexes
+All search the memory one (stream, head) at a time, because faiss indexes
 hold one set of vectors each, and return the same ``(scores, slots)`` as
 :class:`~fairseq_memtrm.memory.search.ExactSearch`.
 
@@ -19,6 +19,10 @@ hold one set of vectors each, and return the same ``(scores, slots)`` as
   ``scripts/bench_memory.py`` and tested in ``tests/test_search_backends.py``.
   The index holds an fp32 copy of the keys: see ``index_bytes_per_entry``.
   It always runs on the CPU (queries and keys are copied to the host).
+* ``faiss-hnsw`` keeps a ring of blocks, one HNSW graph per block lap and
+  head (see :class:`FaissHNSWSearch`); on the CPU like ``faiss-ivf``.
+
+Measured speed and recall of each: ``docs/benchmark.md``.
 """
 
 import logging

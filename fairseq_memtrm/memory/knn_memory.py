@@ -15,6 +15,7 @@ start a document, ``search`` with the segment's queries, then ``add`` the
 segment's keys, so a segment never retrieves itself.
 """
 
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Optional
@@ -34,7 +35,9 @@ def memory_bytes(memory_size: int, num_heads: int, head_dim: int, dtype: str = "
     """Bytes one stream needs for one memory layer: keys + values + positions,
     plus what the search backend's own index keeps per entry."""
     element = torch.finfo(DTYPES[dtype]).bits // 8
-    index = parse_backend_spec(backend)[0].index_bytes_per_entry(num_heads, head_dim)
+    cls, options = parse_backend_spec(backend)
+    accepted = inspect.signature(cls.index_bytes_per_entry).parameters  # e.g. hnsw_m
+    index = cls.index_bytes_per_entry(num_heads, head_dim, **{k: v for k, v in options.items() if k in accepted})
     return memory_size * (num_heads * head_dim * 2 * element + 8 + index)
 
 
