@@ -53,7 +53,7 @@ class ExactSearch(SearchBackend):
     """Exact search in two passes that never materialise the (T, N) score matrix.
 
     Writing a 512 x 65536 score matrix per head and running ``topk`` over it is
-    memory-bound: it takes ~20x the matmul's compute bound on a CPU. Instead:
+    memory-bound: 6-20x the matmul's compute bound on a CPU (docs/benchmark.md). Instead:
 
     1. keys are scored one block of ``block_size`` at a time into a reused
        scratch buffer (H, T, block_size) (no page faults, mostly in cache); each block is
