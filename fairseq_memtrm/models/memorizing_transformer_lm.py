@@ -62,6 +62,11 @@ class MemorizingTransformerLMConfig(TransformerLanguageModelConfig):
         default=0.0,
         metadata={"help": "initial per-head gate bias b_h; memory weight is sigmoid(b_h)"},
     )
+    memory_scale_init: float = field(
+        default=20.0,
+        metadata={"help": "initial per-head temperature of the memory softmax over cosine similarities "
+                          "(learned, in log space)"},
+    )
     memory_dtype: ChoiceEnum(["fp32", "fp16"]) = field(
         default="fp32", metadata={"help": "storage dtype of memory keys/values (fp16 halves RAM)"}
     )
@@ -87,7 +92,8 @@ def parse_memory_layers(spec: str, num_layers: int) -> List[int]:
     return layers
 
 
-def build_memorizing_layer(cfg: TransformerConfig, knn_k: int, memory_gate_init: float):
+def build_memorizing_layer(cfg: TransformerConfig, knn_k: int, memory_gate_init: float,
+                           memory_scale_init: float = 20.0):
     """A stock decoder layer whose self-attention is kNN-augmented."""
     layer = TransformerDecoderLayerBase(cfg, no_encoder_attn=True)
     layer.self_attn = KNNAugmentedAttention(
@@ -95,6 +101,7 @@ def build_memorizing_layer(cfg: TransformerConfig, knn_k: int, memory_gate_init:
         cfg.decoder.attention_heads,
         knn_k=knn_k,
         memory_gate_init=memory_gate_init,
+        memory_scale_init=memory_scale_init,
         dropout=cfg.attention_dropout,
         q_noise=layer.quant_noise,
         qn_block_size=layer.quant_noise_block_size,
@@ -122,7 +129,9 @@ class MemorizingTransformerLanguageModel(TransformerLanguageModel):
         decoder = self.decoder
         self.memory_layer_ids = parse_memory_layers(args.memory_layers, len(decoder.layers))
         for index in self.memory_layer_ids:
-            decoder.layers[index] = build_memorizing_layer(decoder.cfg, args.knn_k, args.memory_gate_init)
+            decoder.layers[index] = build_memorizing_layer(
+                decoder.cfg, args.knn_k, args.memory_gate_init, args.memory_scale_init
+            )
         self.memory_bank = MemoryBank(
             {i: (decoder.layers[i].self_attn.num_heads, decoder.layers[i].self_attn.head_dim)
              for i in self.memory_layer_ids},
@@ -215,40 +224,42 @@ def memory_defaults(args):
     args.memory_backend = getattr(args, "memory_backend", "exact")
 
 
+def memorizing_defaults(args):
+    """Defaults of the flags of memorizing_transformer_lm."""
+    args.memory_layers = getattr(args, "memory_layers", "")
+    args.memory_scale_init = getattr(args, "memory_scale_init", 20.0)
+    memory_defaults(args)
+
+
 # `register_model` with a dataclass already registers the arch named like the
 # model (the dataclass defaults); this function is the base the others extend.
 def memorizing_transformer_lm(args):
     base_lm_architecture(args)
-    args.memory_layers = getattr(args, "memory_layers", "")
-    memory_defaults(args)
+    memorizing_defaults(args)
 
 
 @register_model_architecture("memorizing_transformer_lm", "memorizing_transformer_lm_gpt")
 def memorizing_transformer_lm_gpt(args):
     transformer_lm_gpt(args)
-    args.memory_layers = getattr(args, "memory_layers", "")
-    memory_defaults(args)
+    memorizing_defaults(args)
 
 
 @register_model_architecture("memorizing_transformer_lm", "memorizing_transformer_lm_gpt2_small")
 def memorizing_transformer_lm_gpt2_small(args):
     transformer_lm_gpt2_small(args)
-    args.memory_layers = getattr(args, "memory_layers", "")
-    memory_defaults(args)
+    memorizing_defaults(args)
 
 
 @register_model_architecture("memorizing_transformer_lm", "memorizing_transformer_lm_gpt2_medium")
 def memorizing_transformer_lm_gpt2_medium(args):
     transformer_lm_gpt2_medium(args)
-    args.memory_layers = getattr(args, "memory_layers", "")
-    memory_defaults(args)
+    memorizing_defaults(args)
 
 
 @register_model_architecture("memorizing_transformer_lm", "memorizing_transformer_lm_wiki103")
 def memorizing_transformer_lm_wiki103(args):
     transformer_lm_baevski_wiki103(args)
-    args.memory_layers = getattr(args, "memory_layers", "")
-    memory_defaults(args)
+    memorizing_defaults(args)
 
 
 @register_model_architecture("memorizing_transformer_lm", "memorizing_transformer_lm_small")
