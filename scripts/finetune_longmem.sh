@@ -17,12 +17,8 @@ BACKBONE=${2:?usage: finetune_longmem.sh DATA_BIN BACKBONE_CKPT SAVE_DIR [fairse
 SAVE=${3:?usage: finetune_longmem.sh DATA_BIN BACKBONE_CKPT SAVE_DIR [fairseq args]}
 shift 3
 [ -f "$BACKBONE" ] || { echo "finetune_longmem.sh: no checkpoint $BACKBONE; run scripts/train_vanilla.sh first" >&2; exit 2; }
+finetune_options "$SAVE"
 exec "$BIN/fairseq-train" "$DATA" --user-dir fairseq_memtrm --task document_lm \
     --arch longmem_sidenet_lm --backbone-checkpoint "$BACKBONE" --side-layers "${SIDE_LAYERS:-0}" --dropout 0.1 \
     --memory-size "${MEMORY_SIZE:-65536}" --knn-k "${KNN_K:-32}" --memory-chunk-size "${CHUNK_SIZE:-1}" \
-    --tokens-per-sample "$TOKENS_PER_SAMPLE" --batch-size "$BATCH_SIZE" \
-    --optimizer adam --adam-betas '(0.9, 0.98)' --clip-norm 1.0 --lr "${LR:-2e-4}" \
-    --lr-scheduler fixed --max-update "${MAX_UPDATE:-400}" \
-    --seed "$SEED" --save-dir "$SAVE" --no-epoch-checkpoints --save-interval-updates 100 \
-    --keep-interval-updates 1 --disable-validation --log-format simple --log-interval 25 \
-    "${CPU_FLAG[@]}" "$@"
+    "${FINETUNE_OPTIONS[@]}" "$@"

@@ -14,13 +14,9 @@ VANILLA=${2:?usage: finetune_memory.sh DATA_BIN VANILLA_CKPT SAVE_DIR [fairseq a
 SAVE=${3:?usage: finetune_memory.sh DATA_BIN VANILLA_CKPT SAVE_DIR [fairseq args]}
 shift 3
 [ -f "$VANILLA" ] || { echo "finetune_memory.sh: no checkpoint $VANILLA; run scripts/train_vanilla.sh first" >&2; exit 2; }
+finetune_options "$SAVE"
 exec "$BIN/fairseq-train" "$DATA" --user-dir fairseq_memtrm --task document_lm \
     --arch memorizing_transformer_lm "${SHAPE[@]}" --dropout 0.1 \
     --memory-size "${MEMORY_SIZE:-65536}" --knn-k "${KNN_K:-32}" \
     --finetune-from-model "$VANILLA" \
-    --tokens-per-sample "$TOKENS_PER_SAMPLE" --batch-size "$BATCH_SIZE" \
-    --optimizer adam --adam-betas '(0.9, 0.98)' --clip-norm 1.0 --lr "${LR:-2e-4}" \
-    --lr-scheduler fixed --max-update "${MAX_UPDATE:-400}" \
-    --seed "$SEED" --save-dir "$SAVE" --no-epoch-checkpoints --save-interval-updates 100 \
-    --keep-interval-updates 1 --disable-validation --log-format simple --log-interval 25 \
-    "${CPU_FLAG[@]}" "$@"
+    "${FINETUNE_OPTIONS[@]}" "$@"
