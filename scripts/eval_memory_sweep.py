@@ -200,10 +200,10 @@ def write_outputs(out, report):
     if longmem:
         ax.plot([r["memory_size"] for r in longmem], [r["ppl"] for r in longmem], "s-", label="LongMem SideNet")
         ax.set_xscale("log", base=2)
-    for row in report["runs"]:
-        if row["name"] not in ("memory", "longmem") or row["memory_size"] == 0:
-            ax.axhline(row["ppl"], linestyle="--", linewidth=1,
-                       label=f"{row['name']} (memory {row['memory_size']})", color=None)
+    baselines = [r for r in report["runs"] if r["name"] not in ("memory", "longmem") or r["memory_size"] == 0]
+    for colour, row in enumerate(baselines, start=2):  # C0, C1: the sweeps' lines
+        ax.axhline(row["ppl"], linestyle="--", linewidth=1, color=f"C{colour}",
+                   label=f"{row['name']} (memory {row['memory_size']})")
     ax.set_xlabel("evaluation memory size (tokens, log scale)")
     ax.set_ylabel(f"perplexity ({report['subset']})")
     ax.set_title(report["title"])
