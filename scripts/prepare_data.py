@@ -220,6 +220,14 @@ def report(stats: Dict[str, dict]) -> None:
                     row["skipped_empty"], row["replaced_bytes"])
 
 
+def copy_given_file(path: str, flag: str, dest_path: str) -> None:
+    """Take the file that ``flag`` names into the data-bin (a clear error when it is missing)."""
+    if not os.path.isfile(path):
+        raise MemtrmUserError(f"{flag} {path}: no such file")
+    if os.path.abspath(path) != os.path.abspath(dest_path):
+        shutil.copyfile(path, dest_path)
+
+
 def prepare(args) -> str:
     """Builds ``DEST/NAME``; returns its path."""
     files = split_files(args)
@@ -241,20 +249,14 @@ def prepare(args) -> str:
 
     spm_path = os.path.join(dest, "spm.model")
     if args.spm_model:
-        if not os.path.isfile(args.spm_model):
-            raise MemtrmUserError(f"--spm-model {args.spm_model}: no such file")
-        if os.path.abspath(args.spm_model) != os.path.abspath(spm_path):
-            shutil.copyfile(args.spm_model, spm_path)
+        copy_given_file(args.spm_model, "--spm-model", spm_path)
     else:
         logger.info("training SentencePiece (vocab %d) on %d train document(s)", args.vocab_size, len(files["train"]))
         train_spm(files["train"], args, os.path.join(dest, "spm"))
     processor = spm.SentencePieceProcessor(model_file=spm_path)
     dict_path = os.path.join(dest, "dict.txt")
     if args.dict:
-        if not os.path.isfile(args.dict):
-            raise MemtrmUserError(f"--dict {args.dict}: no such file")
-        if os.path.abspath(args.dict) != os.path.abspath(dict_path):
-            shutil.copyfile(args.dict, dict_path)
+        copy_given_file(args.dict, "--dict", dict_path)
     else:
         write_fairseq_dict(processor, dict_path)
     logger.info("SentencePiece model: %d pieces", processor.get_piece_size())
