@@ -220,10 +220,15 @@ def report(stats: Dict[str, dict]) -> None:
                     row["skipped_empty"], row["replaced_bytes"])
 
 
-def copy_given_file(path: str, flag: str, dest_path: str) -> None:
-    """Take the file that ``flag`` names into the data-bin (a clear error when it is missing)."""
-    if not os.path.isfile(path):
-        raise MemtrmUserError(f"{flag} {path}: no such file")
+def check_given_files(args) -> None:
+    """--spm-model and --dict name existing files (checked before anything reads them)."""
+    for flag, path in (("--spm-model", args.spm_model), ("--dict", args.dict)):
+        if path and not os.path.isfile(path):
+            raise MemtrmUserError(f"{flag} {path}: no such file")
+
+
+def copy_given_file(path: str, dest_path: str) -> None:
+    """Take a given --spm-model or --dict into the data-bin."""
     if os.path.abspath(path) != os.path.abspath(dest_path):
         shutil.copyfile(path, dest_path)
 
@@ -231,6 +236,7 @@ def copy_given_file(path: str, flag: str, dest_path: str) -> None:
 def prepare(args) -> str:
     """Builds ``DEST/NAME``; returns its path."""
     files = split_files(args)
+    check_given_files(args)
     dest = os.path.join(args.dest_dir, args.name)
     manifest_path = os.path.join(dest, MANIFEST)
     key = fingerprint(files, args)
@@ -249,14 +255,14 @@ def prepare(args) -> str:
 
     spm_path = os.path.join(dest, "spm.model")
     if args.spm_model:
-        copy_given_file(args.spm_model, "--spm-model", spm_path)
+        copy_given_file(args.spm_model, spm_path)
     else:
         logger.info("training SentencePiece (vocab %d) on %d train document(s)", args.vocab_size, len(files["train"]))
         train_spm(files["train"], args, os.path.join(dest, "spm"))
     processor = spm.SentencePieceProcessor(model_file=spm_path)
     dict_path = os.path.join(dest, "dict.txt")
     if args.dict:
-        copy_given_file(args.dict, "--dict", dict_path)
+        copy_given_file(args.dict, dict_path)
     else:
         write_fairseq_dict(processor, dict_path)
     logger.info("SentencePiece model: %d pieces", processor.get_piece_size())

@@ -120,6 +120,11 @@ def test_missing_split_is_a_clear_error(tmp_path):
     with pytest.raises(MemtrmUserError, match="no file matches"):
         run_prepare("--train", tmp_path / "nothing*.txt", "--valid", tmp_path / "books/train/a.txt",
                     "--splits", "train,valid", "--name", "x", "--dest-dir", tmp_path)
+    present = tmp_path / "books/train/a.txt"  # exists: only the other flag's file is missing
+    for flag, other in (("--spm-model", "--dict"), ("--dict", "--spm-model")):
+        with pytest.raises(MemtrmUserError, match=f"{flag} .*missing.model: no such file"):
+            run_prepare("--train", present, "--splits", "train", "--name", "y", "--dest-dir", tmp_path,
+                        flag, tmp_path / "missing.model", other, present)
     # From the shell: one sentence, no traceback.
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_data.py"), "--source-dir",
                              str(tmp_path / "books"), "--name", "x", "--dest-dir", str(tmp_path)],
