@@ -343,12 +343,12 @@ def bench_search(captured, memory_size: int, backend: str, args, exact=None) -> 
     attribute, values_option = SEARCH_SETTINGS.get(backend, (None, None))  # a bare name only
     settings = [{attribute: value} for value in getattr(args, values_option)] if attribute else [{}]
     results = []
-    for options in settings:
-        for name, value in options.items():
+    for backend_options in settings:
+        for name, value in backend_options.items():
             setattr(memory.backend, name, value)
         search = lambda: memory.search(queries[None], args.knn_k)  # noqa: E731
         result = {
-            "memory_size": memory_size, "backend": backend, "options": options,
+            "memory_size": memory_size, "backend": backend, "options": backend_options,
             "search_s": median_time(search, args.repeats, args.warmup),
             "compute_bound_s": 2 * queries.size(1) * memory_size * heads * head_dim / (args.gflops * 1e9),
             "estimated_bytes_per_stream": memory_bytes(memory_size, heads, head_dim, args.memory_dtype, backend),
@@ -558,8 +558,8 @@ def print_table(report: Dict) -> None:
           f"{'recall@k':>8} {'MiB/stream':>10} {'RSS+ MiB':>9}")
     for r in report["search"]:
         recall = "-" if r["recall"] is None else f"{r['recall']:.3f}"
-        options = ",".join(f"{k}={v}" for k, v in r["options"].items())
-        print(f"{r['memory_size']:>8} {r['backend']:<10} {options:<14} {r['search_s']:>9.3f} "
+        option_text = ",".join(f"{k}={v}" for k, v in r["options"].items())
+        print(f"{r['memory_size']:>8} {r['backend']:<10} {option_text:<14} {r['search_s']:>9.3f} "
               f"{r['compute_bound_s']:>8.3f} {r['search_s'] / r['compute_bound_s']:>8.1f} {recall:>8} "
               f"{r['estimated_bytes_per_stream'] / 2**20:>10.0f} {r['rss_growth_bytes'] / 2**20:>9.0f}")
     print(f"\n{'memory':>8} {'backend':<10} {'step s':>8} {'vanilla s':>9} {'x vanilla':>9} {'4 streams GiB':>14}")
