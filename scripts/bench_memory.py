@@ -59,6 +59,7 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
 
 from fairseq_memtrm.memory import KNNMemory, memory_bytes  # noqa: E402
 from fairseq_memtrm.memory.search import BACKENDS, parse_backend_spec  # noqa: E402
+from fairseq_memtrm.modules.knn_attention import MEMORY_STATE  # noqa: E402
 
 logger = logging.getLogger("bench_memory")
 BOOKS = REPO.parent / "shared" / "data" / "books"
@@ -490,7 +491,7 @@ def main():
                         "training": {"updates": args.train_updates, "batch": args.train_batch}}, args.save_captured)
     captured.update(capture_queries(model, held_out, max(args.memory_sizes), args.segment, args.recall_segments))
     vanilla.load_state_dict(
-        {k: v for k, v in model.state_dict().items() if not k.endswith(("memory_gate", "memory_log_scale"))}
+        {k: v for k, v in model.state_dict().items() if not k.endswith(MEMORY_STATE)}
     )
     heads, _, head_dim = captured["keys"].shape
     logger.info("captured %d keys x %d heads x %d dims", captured["keys"].size(1), heads, head_dim)

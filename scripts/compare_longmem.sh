@@ -39,7 +39,7 @@ staleness() {  # staleness OUT.json fairseq-train args...: skipped when OUT.json
     local out=$1; shift
     [ -f "$out" ] || "$BIN/python" scripts/measure_staleness.py --out "$out" -- "$DATA" --user-dir fairseq_memtrm \
         --task document_lm --tokens-per-sample "$TOKENS_PER_SAMPLE" --batch-size "$BATCH_SIZE" \
-        --optimizer adam --adam-betas '(0.9, 0.98)' --clip-norm 1.0 --lr "${LR:-2e-4}" --lr-scheduler fixed \
+        --optimizer adam --adam-betas '(0.9, 0.98)' --clip-norm 1.0 --lr "${LR:-2e-4}" --lr-scheduler fixed --warmup-updates "${WARMUP:-100}" \
         --max-update "${FINETUNE_UPDATES:-400}" --seed "$SEED" --disable-validation --log-format simple \
         --log-interval 50 "${CPU_FLAG[@]}" "$@"
 }

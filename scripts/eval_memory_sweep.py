@@ -76,7 +76,7 @@ def gate_values(model):
     """{layer: [sigmoid(b_h) per head]} for a model that uses memory, else {}."""
     if not hasattr(model, "memory_attentions") or model.memory_bank.memory_size == 0:
         return {}
-    return {str(layer): torch.sigmoid(att.memory_gate).tolist()
+    return {str(layer): att.gate_values().tolist()
             for layer, att in zip(model.memory_layer_ids, model.memory_attentions())}
 
 

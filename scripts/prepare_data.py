@@ -19,7 +19,8 @@ Running it again with the same inputs and options does nothing
 Examples::
 
     python scripts/prepare_data.py --source-dir ../shared/data/books --name books
-    python scripts/prepare_data.py --name pycode \\
+    python scripts/prepare_data.py --stdlib --name pycode
+    python scripts/prepare_data.py --name mycode \\
         --train "$(python -c 'import os;print(os.path.dirname(os.__file__))')/[a-m]*.py" \\
         --valid ".../[n-r]*.py" --test ".../[s-z]*.py"
 """
@@ -34,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zlib
 from dataclasses import asdict, dataclass
 from typing import Dict, Iterator, List, Optional
 
@@ -60,11 +62,34 @@ class SplitStats:
 
 
 # ---------------------------------------------------------------- inputs
+STDLIB_SKIP = ("site-packages", "dist-packages", "idlelib", "lib2to3", "turtledemo", "pydoc_data")
+
+
+def stdlib_split(min_bytes: int = 4000) -> Dict[str, List[str]]:
+    """The running interpreter's own ``.py`` modules as a code corpus, one module
+    one document, split by file: a hash of the path sends 1 in 20 to test and 1
+    in 20 to valid (the same on every machine with the same Python). Tests,
+    IDLE, vendored packages, pydoc's topic text and files under ``min_bytes``
+    are left out."""
+    root = os.path.dirname(os.__file__)
+    splits: Dict[str, List[str]] = {split: [] for split in SPLITS}
+    for path in sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True)):
+        parts = os.path.relpath(path, root).split(os.sep)
+        if parts[0] in STDLIB_SKIP or any(p.startswith("test") for p in parts) or os.path.getsize(path) < min_bytes:
+            continue
+        bucket = zlib.crc32("/".join(parts).encode()) % 20
+        splits["test" if bucket == 0 else "valid" if bucket == 1 else "train"].append(path)
+    return splits
+
+
 def split_files(args) -> Dict[str, List[str]]:
     """The input files of every requested split, sorted; a missing split is an error."""
     files: Dict[str, List[str]] = {}
+    stdlib = stdlib_split() if args.stdlib else None
     for split in args.splits:
-        if args.source_dir:
+        if stdlib is not None:
+            patterns = stdlib[split]
+        elif args.source_dir:
             folder = os.path.join(args.source_dir, split)
             if not os.path.isdir(folder):
                 raise MemtrmUserError(
@@ -290,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_argument_group("input (one of)")
     source.add_argument("--source-dir", help="folder with train/ valid/ test/, one document per file")
+    source.add_argument("--stdlib", action="store_true",
+                        help="this Python's standard library .py modules (tests excluded), split by file "
+                        "(1 in 20 test, 1 in 20 valid): a code corpus on every machine")
     for split in SPLITS:
         source.add_argument(f"--{split}", nargs="+", metavar="FILE_OR_GLOB",
                             help=f"files, folders or globs of the {split} split")
@@ -323,8 +351,8 @@ def main(argv=None) -> str:
     unknown = [s for s in args.splits if s not in SPLITS]
     if unknown:
         parser.error(f"--splits: unknown {unknown}; choose among {','.join(SPLITS)}")
-    if bool(args.source_dir) == any(getattr(args, s) for s in SPLITS):
-        parser.error("give either --source-dir or --train/--valid/--test files")
+    if bool(args.source_dir) + bool(args.stdlib) + any(getattr(args, s) for s in SPLITS) != 1:
+        parser.error("give one of --source-dir, --stdlib or --train/--valid/--test files")
     if args.vocab_size < 10:
         parser.error("--vocab-size must be at least 10")
     return prepare(args)

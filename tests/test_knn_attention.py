@@ -1,5 +1,6 @@
 """KNNAugmentedAttention against fairseq's MultiheadAttention and a by-hand reference."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from fairseq.modules import MultiheadAttention
@@ -16,7 +17,8 @@ def pair(gate_init=0.0, knn_k=3):
     plain = MultiheadAttention(E, H, self_attention=True)
     knn = KNNAugmentedAttention(E, H, knn_k=knn_k, memory_gate_init=gate_init)
     knn.load_state_dict({**plain.state_dict(), "memory_gate": knn.memory_gate.data,
-                         "memory_log_scale": knn.memory_log_scale.data})
+                         "memory_log_scale": knn.memory_log_scale.data,
+                         "memory_param_gain": knn.memory_param_gain})
     return plain.eval(), knn.eval()
 
 
@@ -72,7 +74,7 @@ def test_output_matches_by_hand_reference():
         q_unit = F.normalize(q, dim=-1)
         sims = q_unit @ k_past.transpose(-1, -2)  # (B, H, T, T_past): every stored entry
         top, index = sims.topk(4, dim=-1)
-        scale = knn.memory_log_scale.exp().view(1, H, 1, 1)
+        scale = knn.memory_scale().view(1, H, 1, 1)
         weights = (top * scale).softmax(-1)
         memory_values = torch.stack(
             [torch.stack([v_past[b, h][index[b, h]] for h in range(H)]) for b in range(B)]
@@ -103,3 +105,31 @@ def test_retrieve_before_write_and_gradient_only_to_queries():
     assert knn.memory_gate.grad is not None and knn.memory_gate.grad.abs().sum() > 0
     assert knn.memory_log_scale.grad.abs().sum() > 0
     assert not knn.memory.keys.requires_grad
+
+
+def test_memory_scalars_move_gain_times_faster_and_old_checkpoints_keep_their_values():
+    """Adam moves a parameter by ~lr per update: the gate and temperature are
+    stored divided by memory_param_gain so that a short fine-tune can open a gate."""
+    fast = KNNAugmentedAttention(E, H, knn_k=4, memory_gate_init=0.5, memory_scale_init=20.0, memory_param_gain=50.0)
+    slow = KNNAugmentedAttention(E, H, knn_k=4, memory_gate_init=0.5, memory_scale_init=20.0, memory_param_gain=1.0)
+    for module in (fast, slow):  # same effective values at init
+        torch.testing.assert_close(module.gate_logits(), torch.full((H,), 0.5))
+        torch.testing.assert_close(module.memory_scale(), torch.full((H,), 20.0))
+    moved = []
+    for module in (fast, slow):
+        optimizer = torch.optim.Adam([module.memory_gate], lr=1e-3)
+        for _ in range(10):
+            optimizer.zero_grad()
+            (-module.gate_values().sum()).backward()  # push every gate open
+            optimizer.step()
+        moved.append((module.gate_logits() - 0.5).mean().item())
+    assert moved[1] == pytest.approx(10 * 1e-3, rel=0.05)
+    assert moved[0] == pytest.approx(50 * moved[1], rel=0.05)
+
+    # a checkpoint of the first format (no gain buffer, effective values stored) loads unchanged
+    state = {k: v for k, v in slow.state_dict().items() if k != "memory_param_gain"}
+    fast.upgrade_state_dict_named(state, "")
+    fast.load_state_dict(state, strict=True)
+    torch.testing.assert_close(fast.gate_logits(), slow.gate_logits())
+    torch.testing.assert_close(fast.memory_scale(), slow.memory_scale())
+    assert float(fast.memory_param_gain) == 50.0

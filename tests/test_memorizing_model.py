@@ -44,7 +44,8 @@ def test_vanilla_checkpoint_loads_and_empty_memory_gives_its_logits(data_dir, la
     for key, tensor in vanilla_state.items():
         torch.testing.assert_close(own[key], tensor)
     torch.testing.assert_close(model.decoder.layers[1].self_attn.memory_gate, fresh_gate)
-    assert torch.allclose(fresh_gate, torch.full_like(fresh_gate, 1.5))
+    gate_logits = model.decoder.layers[1].self_attn.gate_logits()
+    assert torch.allclose(gate_logits, torch.full_like(gate_logits, 1.5))
 
     tokens = random_tokens(task, 2, 16)
     doc_start = torch.tensor([True, True])

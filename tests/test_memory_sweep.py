@@ -12,7 +12,7 @@ import pytest
 from lm_builders import BIN, run_command
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "BIN": str(BIN), "TOKENS_PER_SAMPLE": "64", "BATCH_SIZE": "2",
-       "MAX_UPDATE": "3"}
+       "MAX_UPDATE": "3", "REPEAT_PROB": "0.5"}  # the vanilla step as the code run ran it (--task repeat_lm)
 
 
 def run(*cmd, env=ENV):

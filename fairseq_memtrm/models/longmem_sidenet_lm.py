@@ -46,7 +46,7 @@ from fairseq_memtrm.models.memorizing_transformer_lm import (
     memory_defaults,
     parse_memory_layers,
 )
-from fairseq_memtrm.modules.knn_attention import MEMORY_PARAMETERS, KNNAugmentedAttention
+from fairseq_memtrm.modules.knn_attention import MEMORY_STATE, KNNAugmentedAttention
 from fairseq_memtrm.modules.side_network import FrozenBackbone, ResidualSideNetDecoder, side_layer_spans
 
 logger = logging.getLogger(__name__)
@@ -92,6 +92,11 @@ class LongMemSideNetConfig(FairseqDataclass):
     )
     memory_gate_init: float = field(
         default=0.0, metadata={"help": "initial per-head gate bias b_h; memory weight is sigmoid(b_h)"}
+    )
+    memory_param_gain: float = field(
+        default=50.0,
+        metadata={"help": "the gate bias and log-temperature are stored divided by this gain so that "
+                          "Adam moves them this many times faster (see memorizing_transformer_lm)"},
     )
     memory_dtype: ChoiceEnum(["fp32", "fp16"]) = field(
         default="fp32", metadata={"help": "storage dtype of memory keys/values (fp16 halves RAM)"}
@@ -281,13 +286,15 @@ def build_side_decoder(args, backbone: FrozenBackbone) -> ResidualSideNetDecoder
     layers = []
     for index, (_, end) in enumerate(spans):
         if index == memory_layer_id:
-            layer = build_memorizing_layer(cfg, args.knn_k, args.memory_gate_init)
+            layer = build_memorizing_layer(
+                cfg, args.knn_k, args.memory_gate_init, memory_param_gain=args.memory_param_gain
+            )
         else:
             layer = TransformerDecoderLayerBase(cfg, no_encoder_attn=True)
         if args.side_init == "backbone":
             source = backbone.decoder.layers[end - 1].state_dict()
             missing, unexpected = layer.load_state_dict(source, strict=False)
-            assert not unexpected and all(k.split(".")[-1] in MEMORY_PARAMETERS for k in missing), (missing, unexpected)
+            assert not unexpected and all(k.split(".")[-1] in MEMORY_STATE for k in missing), (missing, unexpected)
         layers.append(layer)
     layer_norm = copy.deepcopy(backbone.decoder.layer_norm) if backbone.decoder.layer_norm is not None else None
     if layer_norm is not None:

@@ -67,6 +67,12 @@ class MemorizingTransformerLMConfig(TransformerLanguageModelConfig):
         metadata={"help": "initial per-head temperature of the memory softmax over cosine similarities "
                           "(learned, in log space)"},
     )
+    memory_param_gain: float = field(
+        default=50.0,
+        metadata={"help": "the per-head gate bias and log-temperature are stored divided by this gain, "
+                          "so Adam moves them this many times faster than other weights (a scalar moves "
+                          "~lr per update: at lr 2e-4 a gate could not open in a short fine-tune)"},
+    )
     memory_dtype: ChoiceEnum(["fp32", "fp16"]) = field(
         default="fp32", metadata={"help": "storage dtype of memory keys/values (fp16 halves RAM)"}
     )
@@ -93,7 +99,7 @@ def parse_memory_layers(spec: str, num_layers: int) -> List[int]:
 
 
 def build_memorizing_layer(cfg: TransformerConfig, knn_k: int, memory_gate_init: float,
-                           memory_scale_init: float = 20.0):
+                           memory_scale_init: float = 20.0, memory_param_gain: float = 50.0):
     """A stock decoder layer whose self-attention is kNN-augmented."""
     layer = TransformerDecoderLayerBase(cfg, no_encoder_attn=True)
     layer.self_attn = KNNAugmentedAttention(
@@ -102,6 +108,7 @@ def build_memorizing_layer(cfg: TransformerConfig, knn_k: int, memory_gate_init:
         knn_k=knn_k,
         memory_gate_init=memory_gate_init,
         memory_scale_init=memory_scale_init,
+        memory_param_gain=memory_param_gain,
         dropout=cfg.attention_dropout,
         q_noise=layer.quant_noise,
         qn_block_size=layer.quant_noise_block_size,
@@ -130,7 +137,7 @@ class MemorizingTransformerLanguageModel(TransformerLanguageModel):
         self.memory_layer_ids = parse_memory_layers(args.memory_layers, len(decoder.layers))
         for index in self.memory_layer_ids:
             decoder.layers[index] = build_memorizing_layer(
-                decoder.cfg, args.knn_k, args.memory_gate_init, args.memory_scale_init
+                decoder.cfg, args.knn_k, args.memory_gate_init, args.memory_scale_init, args.memory_param_gain
             )
         self.memory_bank = MemoryBank(
             {i: (decoder.layers[i].self_attn.num_heads, decoder.layers[i].self_attn.head_dim)
@@ -220,6 +227,7 @@ def memory_defaults(args):
     args.memory_size = getattr(args, "memory_size", 65536)
     args.knn_k = getattr(args, "knn_k", 32)
     args.memory_gate_init = getattr(args, "memory_gate_init", 0.0)
+    args.memory_param_gain = getattr(args, "memory_param_gain", 50.0)
     args.memory_dtype = getattr(args, "memory_dtype", "fp32")
     args.memory_backend = getattr(args, "memory_backend", "exact")
 

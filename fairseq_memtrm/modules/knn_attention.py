@@ -10,7 +10,15 @@ Per head, the layer computes two attentions and mixes them with a learned gate:
   document only), and a separate softmax over those k entries, scaled by a
   learned per-head temperature, reads their values. No position encoding.
 
-``out = local * (1 - g) + memory * g`` with ``g = sigmoid(memory_gate[h])``.
+``out = local * (1 - g) + memory * g`` with ``g = sigmoid(b_h)``.
+
+The gate bias ``b_h`` and the log-temperature are one scalar per head. Adam
+moves any parameter by about ``lr`` per update, so at a fine-tuning lr of 2e-4
+a gate bias stored as is could travel 0.2 in 1,000 updates: the gate would
+stay at its initial 0.5 (the first books run showed exactly that). They are
+therefore stored divided by ``memory_param_gain`` (a buffer saved with the
+checkpoint) and move that many times faster; ``gate_logits()`` and
+``memory_scale()`` give their effective values.
 Where a query found nothing in memory, ``g`` is 0 for it, so an empty memory
 gives plain local attention exactly.
 
@@ -32,6 +40,7 @@ from torch import Tensor, nn
 from fairseq_memtrm.memory import KNNMemory, Retrieval
 
 MEMORY_PARAMETERS = ("memory_gate", "memory_log_scale")
+MEMORY_STATE = MEMORY_PARAMETERS + ("memory_param_gain",)  # what a vanilla layer lacks
 
 
 @dataclass
@@ -45,14 +54,19 @@ class RetrievalRecord:
 
 class KNNAugmentedAttention(MultiheadAttention):
     def __init__(self, embed_dim: int, num_heads: int, knn_k: int = 32, memory_gate_init: float = 0.0,
-                 memory_scale_init: float = 20.0, **kwargs):
+                 memory_scale_init: float = 20.0, memory_param_gain: float = 50.0, **kwargs):
         super().__init__(embed_dim, num_heads, self_attention=True, **kwargs)
+        if not memory_param_gain > 0:
+            raise ValueError(f"memory_param_gain must be positive, got {memory_param_gain}")
         self.knn_k = knn_k
-        self.memory_gate = nn.Parameter(torch.full((num_heads,), float(memory_gate_init)))
+        self.register_buffer("memory_param_gain", torch.tensor(float(memory_param_gain)))
+        self.memory_gate = nn.Parameter(torch.full((num_heads,), float(memory_gate_init) / memory_param_gain))
         # Normalised q.k lies in [-1, 1]: the softmax over the k hits needs a high
         # temperature to single out the best match (at sqrt(head_dim) ~ 6 a fine-tune
         # of a few hundred updates saw near-uniform weights and closed the gate).
-        self.memory_log_scale = nn.Parameter(torch.full((num_heads,), math.log(memory_scale_init)))
+        self.memory_log_scale = nn.Parameter(
+            torch.full((num_heads,), math.log(memory_scale_init) / memory_param_gain)
+        )
         # Bound by the model for one forward pass; None = behave as plain attention.
         self.memory: Optional[KNNMemory] = None
         self.token_mask: Optional[Tensor] = None  # (B, T) True for tokens to write
@@ -61,6 +75,18 @@ class KNNAugmentedAttention(MultiheadAttention):
         self.write_memory = True
         self.record_retrievals = False
         self.last_record: Optional[RetrievalRecord] = None
+
+    def gate_logits(self) -> Tensor:
+        """(H,) the effective gate biases b_h."""
+        return self.memory_gate * self.memory_param_gain
+
+    def gate_values(self) -> Tensor:
+        """(H,) the memory weight sigmoid(b_h) of each head (where memory found something)."""
+        return torch.sigmoid(self.gate_logits())
+
+    def memory_scale(self) -> Tensor:
+        """(H,) the temperature of the memory softmax over cosine similarities."""
+        return (self.memory_log_scale * self.memory_param_gain).exp()
 
     def _split_heads(self, x: Tensor) -> Tensor:
         """(T, B, C) -> (B, H, T, D)."""
@@ -123,7 +149,7 @@ class KNNAugmentedAttention(MultiheadAttention):
         q_unit = F.normalize(q, dim=-1)
         k_unit = F.normalize(k, dim=-1)
         retrieval = memory.search(q_unit.detach(), self.knn_k)
-        scale = self.memory_log_scale.exp().view(1, -1, 1, 1)
+        scale = self.memory_scale().view(1, -1, 1, 1)
         memory_logits = torch.einsum("bhtd,bhtkd->bhtk", q_unit, retrieval.keys) * scale
         memory_logits = memory_logits.masked_fill(~retrieval.mask, float("-inf"))
         found = retrieval.mask.any(dim=-1)  # (B, H, T)
@@ -131,7 +157,7 @@ class KNNAugmentedAttention(MultiheadAttention):
         memory_probs = memory_probs.masked_fill(~found.unsqueeze(-1), 0.0)  # all -inf rows give NaN
         memory_out = torch.einsum("bhtk,bhtkd->bhtd", self.dropout_module(memory_probs), retrieval.values)
 
-        gate = torch.sigmoid(self.memory_gate).view(1, -1, 1) * found.type_as(q)  # (B, H, T)
+        gate = self.gate_values().view(1, -1, 1) * found.type_as(q)  # (B, H, T)
         mixed = local_out + gate.unsqueeze(-1) * (memory_out - local_out)
 
         if self.write_memory:
@@ -147,9 +173,18 @@ class KNNAugmentedAttention(MultiheadAttention):
 
     def upgrade_state_dict_named(self, state_dict, name):
         """A vanilla ``transformer_lm`` checkpoint lacks the memory parameters:
-        they start fresh (the model's own initial values)."""
+        they start fresh (the model's own initial values). A checkpoint saved
+        with another ``memory_param_gain`` (none saved: gain 1, the first
+        format) is converted to this layer's gain, effective values unchanged."""
         super().upgrade_state_dict_named(state_dict, name)
         prefix = name + "." if name else ""
+        gain = float(self.memory_param_gain)
+        saved = state_dict.get(prefix + "memory_param_gain")
+        saved_gain = float(saved) if saved is not None else 1.0
         for param in MEMORY_PARAMETERS:
-            if prefix + param not in state_dict:
-                state_dict[prefix + param] = getattr(self, param).detach().clone()
+            key = prefix + param
+            if key not in state_dict:
+                state_dict[key] = getattr(self, param).detach().clone()
+            elif saved_gain != gain:
+                state_dict[key] = state_dict[key].float() * (saved_gain / gain)
+        state_dict[prefix + "memory_param_gain"] = self.memory_param_gain.detach().clone()
