@@ -52,7 +52,7 @@ def build(args) -> str:
         for step in ("vanilla", "memory"):
             shutil.rmtree(os.path.join(work, step), ignore_errors=True)
     run(["bash", "scripts/train_vanilla.sh", data_bin, os.path.join(work, "vanilla")],
-        MAX_UPDATE=str(args.vanilla_updates))
+        MAX_UPDATE=str(args.vanilla_updates), REPEAT_PROB="0.5")
     run(["bash", "scripts/finetune_memory.sh", data_bin, os.path.join(work, "vanilla", "checkpoint_last.pt"),
          os.path.join(work, "memory")], MAX_UPDATE=str(args.finetune_updates), MEMORY_SIZE=str(args.memory_size))
     return os.path.join(work, "memory", "checkpoint_last.pt")
