@@ -20,41 +20,10 @@ import logging
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from fairseq_memtrm.diagnostics import copy_score, load_passages  # noqa: E402
 from fairseq_memtrm.errors import MemtrmUserError  # noqa: E402
-
-
-def copy_score(model, passages: torch.Tensor) -> dict:
-    """passages: (N, S) token ids. Loss on each copy of ``P P`` (first token of each copy excluded)."""
-    span = passages.size(1)
-    tokens = torch.cat([passages, passages], dim=1)
-    with torch.no_grad():
-        logits = model(tokens)[0].float()
-    nll = -torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
-    first = nll[:, : span - 1].mean().item()
-    second = nll[:, span:].mean().item()
-    return {"first_copy_loss": first, "second_copy_loss": second, "copy_gain": first - second}
-
-
-def load_passages(data_bin: str, split: str, dictionary, count: int, span: int) -> torch.Tensor:
-    from fairseq.data import data_utils
-
-    dataset = data_utils.load_indexed_dataset(os.path.join(data_bin, split), dictionary)
-    if dataset is None:
-        raise MemtrmUserError(f"no {split} split in {data_bin}; build it with scripts/prepare_data.py")
-    stream, needed = [], count * span * 4
-    for i in range(len(dataset)):
-        stream.append(dataset[i])
-        if sum(map(len, stream)) >= needed:
-            break
-    stream = torch.cat(stream)
-    if len(stream) < count * span:
-        raise MemtrmUserError(f"{data_bin}/{split} has {len(stream)} tokens; need {count * span}: lower --count/--span")
-    stride = len(stream) // count
-    return torch.stack([stream[i * stride : i * stride + span] for i in range(count)])
 
 
 def main():

@@ -46,6 +46,7 @@ sys.path.insert(0, str(REPO))
 from fairseq import checkpoint_utils, options, progress_bar, tasks, utils  # noqa: E402
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
 
+from fairseq_memtrm.diagnostics import copy_score, load_passages  # noqa: E402
 from fairseq_memtrm.errors import MemtrmUserError  # noqa: E402
 
 logger = logging.getLogger("eval_memory_sweep")
@@ -154,6 +155,20 @@ def summarise(name, checkpoint, memory_size, scored, wall, far_position, gates):
     return row
 
 
+def vanilla_copy_score(model, task, args):
+    """Does the starting checkpoint copy from its context? (fairseq_memtrm.diagnostics)
+    Without it the memory has nothing to extend; None when the split is too short."""
+    span = min(200, args.tokens_per_sample // 2)
+    try:
+        passages = load_passages(args.data, args.subset, task.source_dictionary, 16, span)
+    except MemtrmUserError as error:
+        logger.warning("no copy score: %s", error)
+        return None
+    result = {k: round(v, 4) for k, v in copy_score(model, passages).items()}
+    logger.info("vanilla copy score (16 passages of %d tokens, shown twice): %s", span, result)
+    return {"span": span, "passages": 16, **result}
+
+
 def biggest_gains(without, with_memory, dictionary, top=25, min_count=5):
     """Token types whose summed loss falls most with memory (same tokens, same order)."""
     if not np.array_equal(without["type"], with_memory["type"]):
@@ -184,6 +199,12 @@ def write_outputs(out, report):
                   "| token | count | total gain (nats) | mean gain |", "|---|---:|---:|---:|"]
         lines += [f"| `{g['token']}` | {g['count']} | {g['total_gain_nats']} | {g['mean_gain_nats']} |"
                   for g in report["biggest_gains"]]
+    copy = report.get("vanilla_copy_score")
+    if copy:
+        lines += ["", f"Does the vanilla checkpoint copy from its context? {copy['passages']} passages of "
+                  f"{copy['span']} tokens shown twice: loss {copy['first_copy_loss']:.3f} nats on the first "
+                  f"copy, {copy['second_copy_loss']:.3f} on the second (copy gain {copy['copy_gain']:.3f}; "
+                  "a model that copies scores the second copy far lower, and only then can memory help)."]
     lines += ["", f"Machine: {report['machine']}"]
     (out / "memory_sweep.md").write_text("\n".join(lines) + "\n")
 
@@ -248,7 +269,7 @@ def main(argv=None):
         plan.append(("control", args.control_checkpoint, 0))
     if args.vanilla_checkpoint:
         plan.append(("vanilla", args.vanilla_checkpoint, None))
-    runs, scored_by_size, dictionary = [], {}, None
+    runs, scored_by_size, dictionary, vanilla_copy = [], {}, None, None
     for name, checkpoint, size in plan:
         overrides = {"memory_size": size} if size is not None else {}
         if name == "longmem" and args.longmem_backbone:
@@ -264,6 +285,8 @@ def main(argv=None):
                         args.far_position, gate_values(model))
         logger.info("%s memory %s: ppl %.3f (past %d: %s) over %d tokens", name, size, row["ppl"],
                     args.far_position, row["ppl_past_far_position"], row["tokens"])
+        if name == "vanilla":
+            vanilla_copy = vanilla_copy_score(model, task, args)
         runs.append(row)
         if name == "memory":
             scored_by_size[size] = scored
@@ -279,6 +302,7 @@ def main(argv=None):
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
                    f"{torch.__version__}, {'cuda' if torch.cuda.is_available() and not args.cpu else 'cpu'}",
         "runs": runs,
+        "vanilla_copy_score": vanilla_copy,
     }
     with_memory = [s for s in sizes if s > 0]
     if 0 in scored_by_size and with_memory:

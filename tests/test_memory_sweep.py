@@ -55,6 +55,8 @@ def test_sweep_report_has_every_run_with_finite_numbers(chain):
     assert 0 < runs[("memory", 256)]["retrieval"]["mean_top1_distance"]
     assert runs[("memory", 0)]["ppl"] != runs[("memory", 256)]["ppl"]
     assert report["biggest_gains"] and "token" in report["biggest_gains"][0]
+    copy = report["vanilla_copy_score"]  # 16 passages of 32 tokens (half a 64-token segment)
+    assert copy["span"] == 32 and math.isfinite(copy["copy_gain"]) and copy["first_copy_loss"] > 0
     assert (work / "results" / "memory_sweep.png").stat().st_size > 10_000
     assert "| memory | 256 |" in (work / "results" / "memory_sweep.md").read_text()
 

@@ -1,15 +1,15 @@
 """The repeat_lm curriculum (repeated spans in training blocks) and the copy-score
 diagnostic that motivates it (scripts/copy_score.py)."""
 
-import importlib.util
 import math
 
 import pytest
 import torch
 from fairseq import options, tasks
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-from lm_builders import BIN, PLUGIN, REPO, run_command
+from lm_builders import BIN, PLUGIN, run_command
 
+from fairseq_memtrm.diagnostics import copy_score
 from fairseq_memtrm.tasks.repeat_lm import RepeatSpanDataset
 
 
@@ -85,13 +85,6 @@ def test_bad_repeat_options_are_clear_errors(prepared_data_bin):
     assert "Traceback" not in result.stderr
 
 
-def load_copy_score():
-    spec = importlib.util.spec_from_file_location("copy_score", REPO / "scripts" / "copy_score.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 class Copier(torch.nn.Module):
     """Predicts token t+1 as the token one span back (a perfect copier), else uniform."""
 
@@ -108,7 +101,6 @@ class Copier(torch.nn.Module):
 
 
 def test_copy_score_separates_a_copier_from_a_model_that_does_not_copy():
-    copy_score = load_copy_score().copy_score
     passages = torch.randint(4, 30, (3, 12))
     copier = copy_score(Copier(30, 12), passages)
     assert copier["second_copy_loss"] < 1e-3

@@ -1,0 +1,52 @@
+"""Does a model copy from its context? The precondition of a useful kNN memory.
+
+A kNN memory extends attention to the distant past, so it helps only where
+attention already retrieves earlier tokens (induction heads). The copy score
+shows a passage twice in one context (``P P``) and compares the loss on the two
+copies: a model that copies predicts the second far better than the first.
+Used by ``scripts/copy_score.py`` and reported by ``scripts/eval_memory_sweep.py``.
+"""
+
+import os
+
+import torch
+
+from fairseq_memtrm.errors import MemtrmUserError
+
+
+def copy_score(model, passages: torch.Tensor) -> dict:
+    """passages: (N, S) token ids. Mean loss (nats) on each copy of ``P P``, the
+    first token of each copy excluded, and their difference ``copy_gain``."""
+    span = passages.size(1)
+    parameters = getattr(model, "parameters", None)
+    first = next(parameters(), None) if parameters is not None else None
+    tokens = torch.cat([passages, passages], dim=1).to(first.device if first is not None else "cpu")
+    with torch.no_grad():
+        logits = model(tokens)[0].float()
+    nll = -torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    first_copy = nll[:, : span - 1].mean().item()
+    second_copy = nll[:, span:].mean().item()
+    return {"first_copy_loss": first_copy, "second_copy_loss": second_copy, "copy_gain": first_copy - second_copy}
+
+
+def load_passages(data_bin: str, split: str, dictionary, count: int, span: int) -> torch.Tensor:
+    """(count, span) passages spread evenly over the first tokens of a data-bin split."""
+    from fairseq.data import data_utils
+
+    dataset = data_utils.load_indexed_dataset(os.path.join(data_bin, split), dictionary)
+    if dataset is None:
+        raise MemtrmUserError(f"no {split} split in {data_bin}; build it with scripts/prepare_data.py")
+    stream, have, needed = [], 0, count * span * 4
+    for i in range(len(dataset)):
+        stream.append(dataset[i])
+        have += len(stream[-1])
+        if have >= needed:
+            break
+    stream = torch.cat(stream) if stream else torch.zeros(0, dtype=torch.long)
+    if len(stream) < count * span:
+        raise MemtrmUserError(
+            f"{data_bin}/{split} has {len(stream)} tokens; the copy score needs {count} x {span}: "
+            "lower the passage count or span"
+        )
+    stride = len(stream) // count
+    return torch.stack([stream[i * stride : i * stride + span] for i in range(count)])
