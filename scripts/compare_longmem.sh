@@ -37,11 +37,10 @@ timed() {  # timed STEP command...: run, append "STEP seconds" to timings.tsv
 
 staleness() {  # staleness OUT.json fairseq-train args...: skipped when OUT.json exists
     local out=$1; shift
+    # the fine-tunes' own options (measure_staleness.py replaces the save dir with a temporary one)
+    MAX_UPDATE="${FINETUNE_UPDATES:-400}" finetune_options "$(dirname "$out")"
     [ -f "$out" ] || "$BIN/python" scripts/measure_staleness.py --out "$out" -- "$DATA" --user-dir fairseq_memtrm \
-        --task document_lm --tokens-per-sample "$TOKENS_PER_SAMPLE" --batch-size "$BATCH_SIZE" \
-        --optimizer adam --adam-betas '(0.9, 0.98)' --clip-norm 1.0 --lr "${LR:-2e-4}" --lr-scheduler fixed --warmup-updates "${WARMUP:-100}" \
-        --max-update "${FINETUNE_UPDATES:-400}" --seed "$SEED" --disable-validation --log-format simple \
-        --log-interval 50 "${CPU_FLAG[@]}" "$@"
+        --task document_lm "${FINETUNE_OPTIONS[@]}" "$@"
 }
 
 timed vanilla env MAX_UPDATE="${VANILLA_UPDATES:-1500}" scripts/train_vanilla.sh "$DATA" "$CKPT/vanilla"

@@ -39,8 +39,7 @@ def main():
         if not os.path.isfile(path):
             raise MemtrmUserError(f"copy_score: no file {path}")
 
-    import fairseq_memtrm  # noqa: F401  (registers the plugin's tasks and models)
-    from fairseq import checkpoint_utils
+    from fairseq import checkpoint_utils  # the plugin's tasks and models are registered by the import above
 
     models, _, task = checkpoint_utils.load_model_ensemble_and_task(
         [args.checkpoint], arg_overrides={"data": args.data_bin}

@@ -2,7 +2,7 @@
 """Build the demo's model: the code experiment's memorizing fine-tune, exported.
 
 The demo model is the ``memory`` model of the code corpus experiment
-(``scripts/run_experiment.sh pycode ...``, README "Results"): the running
+(README "Results", the same scripts): the running
 interpreter's standard library, one module = one document. Steps, each reused
 when its output exists (``--force`` redoes the training):
 

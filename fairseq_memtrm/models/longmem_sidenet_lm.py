@@ -46,7 +46,7 @@ from fairseq_memtrm.models.memorizing_transformer_lm import (
     memory_defaults,
     parse_memory_layers,
 )
-from fairseq_memtrm.modules.knn_attention import MEMORY_STATE, KNNAugmentedAttention
+from fairseq_memtrm.modules.knn_attention import DEFAULT_MEMORY_PARAM_GAIN, MEMORY_STATE, KNNAugmentedAttention
 from fairseq_memtrm.modules.side_network import FrozenBackbone, ResidualSideNetDecoder, side_layer_spans
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class LongMemSideNetConfig(FairseqDataclass):
         default=0.0, metadata={"help": "initial per-head gate bias b_h; memory weight is sigmoid(b_h)"}
     )
     memory_param_gain: float = field(
-        default=50.0,
+        default=DEFAULT_MEMORY_PARAM_GAIN,
         metadata={"help": "the gate bias and log-temperature are stored divided by this gain so that "
                           "Adam moves them this many times faster (see memorizing_transformer_lm)"},
     )

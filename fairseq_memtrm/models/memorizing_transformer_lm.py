@@ -37,7 +37,7 @@ from torch import Tensor
 from fairseq_memtrm.errors import MemtrmUserError
 from fairseq_memtrm.memory import MemoryBank
 from fairseq_memtrm.memory.search import parse_backend_spec
-from fairseq_memtrm.modules.knn_attention import KNNAugmentedAttention
+from fairseq_memtrm.modules.knn_attention import DEFAULT_MEMORY_PARAM_GAIN, KNNAugmentedAttention
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class MemorizingTransformerLMConfig(TransformerLanguageModelConfig):
                           "(learned, in log space)"},
     )
     memory_param_gain: float = field(
-        default=50.0,
+        default=DEFAULT_MEMORY_PARAM_GAIN,
         metadata={"help": "the per-head gate bias and log-temperature are stored divided by this gain, "
                           "so Adam moves them this many times faster than other weights (a scalar moves "
                           "~lr per update: at lr 2e-4 a gate could not open in a short fine-tune)"},
@@ -99,7 +99,7 @@ def parse_memory_layers(spec: str, num_layers: int) -> List[int]:
 
 
 def build_memorizing_layer(cfg: TransformerConfig, knn_k: int, memory_gate_init: float,
-                           memory_scale_init: float = 20.0, memory_param_gain: float = 50.0):
+                           memory_scale_init: float = 20.0, memory_param_gain: float = DEFAULT_MEMORY_PARAM_GAIN):
     """A stock decoder layer whose self-attention is kNN-augmented."""
     layer = TransformerDecoderLayerBase(cfg, no_encoder_attn=True)
     layer.self_attn = KNNAugmentedAttention(
@@ -227,7 +227,7 @@ def memory_defaults(args):
     args.memory_size = getattr(args, "memory_size", 65536)
     args.knn_k = getattr(args, "knn_k", 32)
     args.memory_gate_init = getattr(args, "memory_gate_init", 0.0)
-    args.memory_param_gain = getattr(args, "memory_param_gain", 50.0)
+    args.memory_param_gain = getattr(args, "memory_param_gain", DEFAULT_MEMORY_PARAM_GAIN)
     args.memory_dtype = getattr(args, "memory_dtype", "fp32")
     args.memory_backend = getattr(args, "memory_backend", "exact")
 

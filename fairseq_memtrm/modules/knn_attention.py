@@ -11,6 +11,8 @@ Per head, the layer computes two attentions and mixes them with a learned gate:
   learned per-head temperature, reads their values. No position encoding.
 
 ``out = local * (1 - g) + memory * g`` with ``g = sigmoid(b_h)``.
+Where a query found nothing in memory, ``g`` is 0 for it, so an empty memory
+gives plain local attention exactly.
 
 The gate bias ``b_h`` and the log-temperature are one scalar per head. Adam
 moves any parameter by about ``lr`` per update, so at a fine-tuning lr of 2e-4
@@ -19,8 +21,6 @@ stay at its initial 0.5 (the first books run showed exactly that). They are
 therefore stored divided by ``memory_param_gain`` (a buffer saved with the
 checkpoint) and move that many times faster; ``gate_logits()`` and
 ``memory_scale()`` give their effective values.
-Where a query found nothing in memory, ``g`` is 0 for it, so an empty memory
-gives plain local attention exactly.
 
 Per segment the order is: (the model resets streams at ``doc_start``) then
 retrieve with this segment's queries, then add this segment's keys/values, so
@@ -41,6 +41,7 @@ from fairseq_memtrm.memory import KNNMemory, Retrieval
 
 MEMORY_PARAMETERS = ("memory_gate", "memory_log_scale")
 MEMORY_STATE = MEMORY_PARAMETERS + ("memory_param_gain",)  # what a vanilla layer lacks
+DEFAULT_MEMORY_PARAM_GAIN = 50.0
 
 
 @dataclass
@@ -54,7 +55,7 @@ class RetrievalRecord:
 
 class KNNAugmentedAttention(MultiheadAttention):
     def __init__(self, embed_dim: int, num_heads: int, knn_k: int = 32, memory_gate_init: float = 0.0,
-                 memory_scale_init: float = 20.0, memory_param_gain: float = 50.0, **kwargs):
+                 memory_scale_init: float = 20.0, memory_param_gain: float = DEFAULT_MEMORY_PARAM_GAIN, **kwargs):
         super().__init__(embed_dim, num_heads, self_attention=True, **kwargs)
         if not memory_param_gain > 0:
             raise ValueError(f"memory_param_gain must be positive, got {memory_param_gain}")
