@@ -244,8 +244,8 @@ def build_report(
 
     model.eval()
     banks = {
-        "memory": MemoryBank(model.memory_bank.layers, memory_size, model.memory_bank.dtype, model.memory_bank.backend),
-        "no memory": MemoryBank(model.memory_bank.layers, 0, model.memory_bank.dtype, model.memory_bank.backend),
+        "memory": model.memory_bank.resized(memory_size),
+        "no memory": model.memory_bank.resized(0),
     }
     total = 2 * len(starts)
     for run, (name, bank) in enumerate(banks.items()):

@@ -12,10 +12,10 @@ E, H, T, B = 16, 4, 6, 2
 D = E // H
 
 
-def pair(gate_init=0.0, knn_k=3):
+def pair(gate_init=0.0, knn_k=3, memory_query="query"):
     torch.manual_seed(0)
     plain = MultiheadAttention(E, H, self_attention=True)
-    knn = KNNAugmentedAttention(E, H, knn_k=knn_k, memory_gate_init=gate_init)
+    knn = KNNAugmentedAttention(E, H, knn_k=knn_k, memory_gate_init=gate_init, memory_query=memory_query)
     knn.load_state_dict({**plain.state_dict(), "memory_gate": knn.memory_gate.data,
                          "memory_log_scale": knn.memory_log_scale.data,
                          "memory_param_gain": knn.memory_param_gain})
@@ -54,10 +54,13 @@ def test_empty_stream_gets_local_attention_while_others_use_memory():
     assert not torch.allclose(got[:, 0], expected[:, 0], atol=1e-3)
 
 
-def test_output_matches_by_hand_reference():
-    """Top-k by brute force over everything stored, separate softmax, sigmoid gate."""
-    plain, knn = pair(gate_init=0.5, knn_k=4)
-    knn.memory = KNNMemory(B, H, D, memory_size=64)
+@pytest.mark.parametrize("memory_query,shift_keys", [("query", False), ("key", False), ("key", True)])
+def test_output_matches_by_hand_reference(memory_query, shift_keys):
+    """Top-k by brute force over everything stored, separate softmax, sigmoid gate;
+    the memory queried with the token's query or its key, entries keyed by their own
+    token or (shifted) by the previous one."""
+    plain, knn = pair(gate_init=0.5, knn_k=4, memory_query=memory_query)
+    knn.memory = KNNMemory(B, H, D, memory_size=64, shift_keys=shift_keys)
     past = torch.randn(T, B, E)
     knn(past, past, past, attn_mask=causal_mask(T), need_weights=False)
     x = torch.randn(T, B, E)
@@ -68,10 +71,12 @@ def test_output_matches_by_hand_reference():
         q = split_heads(knn.q_proj(x))
         k_now, v_now = split_heads(knn.k_proj(x)), split_heads(knn.v_proj(x))
         k_past = F.normalize(split_heads(knn.k_proj(past)), dim=-1)
+        if shift_keys:  # entry p: key of p - 1 (the first token keys itself), value of p
+            k_past = k_past[:, :, [0] + list(range(T - 1))]
         v_past = split_heads(knn.v_proj(past))
         scores_local = (q * knn.scaling) @ k_now.transpose(-1, -2) + causal_mask(T)
         local = scores_local.softmax(-1) @ v_now
-        q_unit = F.normalize(q, dim=-1)
+        q_unit = F.normalize(q if memory_query == "query" else k_now, dim=-1)
         sims = q_unit @ k_past.transpose(-1, -2)  # (B, H, T, T_past): every stored entry
         top, index = sims.topk(4, dim=-1)
         scale = knn.memory_scale().view(1, H, 1, 1)

@@ -170,3 +170,42 @@ def test_bank_refuses_a_memory_larger_than_ram():
     bank = MemoryBank({0: (64, 128)}, memory_size=1 << 30, dtype="fp32", backend="exact")
     with pytest.raises(MemtrmUserError, match="--memory-size"):
         bank.select("train", 4, None, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("backend", ["exact", "faiss-flat"])
+def test_shifted_keys_pair_each_value_with_the_previous_tokens_key(backend):
+    """Reference: one document written whole. Entry p holds key p-1 and value p
+    (entry 0 keys itself), however the document is cut into segments, padded
+    or evicted; a reset starts the next document without its predecessor's key."""
+    g = torch.Generator().manual_seed(11)
+    memory = KNNMemory(2, H, D, memory_size=24, backend=backend, shift_keys=True)
+    document_keys, document_values = [], []
+    for seq_len, real in ((7, 7), (9, 4), (1, 1), (16, 16)):  # stream 0 gets `real` tokens, then padding
+        keys, values = random_segment(g, seq_len=seq_len, bsz=2)
+        mask = torch.ones(2, seq_len, dtype=torch.bool)
+        mask[0, real:] = False
+        memory.add(keys, values, mask)
+        document_keys.append(keys[0, :, :real])
+        document_values.append(values[0, :, :real])
+    keys, values = torch.cat(document_keys, dim=1), torch.cat(document_values, dim=1)  # (H, 28, D)
+    expected_keys = torch.cat([keys[:, :1], keys[:, :-1]], dim=1)
+    total = keys.size(1)
+    assert sorted(memory.positions[0].tolist()) == list(range(total - 24, total))
+    for slot, pos in enumerate(memory.positions[0].tolist()):
+        torch.testing.assert_close(memory.keys[0, :, slot], expected_keys[:, pos])
+        torch.testing.assert_close(memory.values[0, :, slot], values[:, pos])
+    # the search indexes the shifted key: the query equal to key p-1 finds entry p
+    found = memory.search(keys[None, :, total - 6 : total - 5] * 10, k=1)
+    assert (found.positions[0, :, 0, 0] == total - 5).all()
+    torch.testing.assert_close(found.values[0, :, 0, 0], values[:, total - 5])
+
+    memory.reset(torch.tensor([True, False]))
+    new_keys, new_values = random_segment(g, seq_len=3, bsz=2)
+    memory.add(new_keys, new_values)
+    torch.testing.assert_close(memory.keys[0, :, 0], new_keys[0, :, 0])  # not the old document's last key
+    torch.testing.assert_close(memory.keys[0, :, 1], new_keys[0, :, 0])
+
+
+def test_shifted_keys_need_token_retrieval():
+    with pytest.raises(MemtrmUserError, match="--memory-chunk-size 1"):
+        MemoryBank({0: (H, D)}, memory_size=32, dtype="fp32", backend="exact", chunk_size=4, shift_keys=True)

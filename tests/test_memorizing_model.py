@@ -127,14 +127,17 @@ def test_validation_memory_does_not_touch_training_memory(data_dir):
     assert model.memory_bank.memories("valid")[0].num_valid(0) == 16
 
 
-def test_planted_repeat_is_retrieved_far_beyond_the_local_window(data_dir):
+@pytest.mark.parametrize("shift", [0, 1])
+def test_planted_repeat_is_retrieved_far_beyond_the_local_window(data_dir, shift):
     """A rare sequence read 3 segments earlier (at the same offset) is the top-1
     retrieval when it recurs. An untrained model's queries do not look for its own
-    keys, so the memory layer's query projection is set to its key projection, as a
-    trained model learns to do for repeats; layer 0's keys carry token identity."""
-    model, task = build_model(data_dir, "memorizing_transformer_lm", TINY + ["--memory-layers", "0", "--knn-k", "4"])
-    attention = model.memory_attentions()[0]
-    attention.q_proj.load_state_dict(attention.k_proj.state_dict())
+    keys, so the memory is queried with the token's key (--memory-query key), as a
+    trained model learns to do for repeats; layer 0's keys carry token identity.
+    With --memory-shift-keys the match is keyed by the previous token: the query of
+    token i finds the entry of the token that followed i's earlier occurrence."""
+    flags = ["--memory-layers", "0", "--knn-k", "4", "--memory-query", "key"]
+    model, task = build_model(data_dir, "memorizing_transformer_lm", TINY + flags + (["--memory-shift-keys"] * shift))
+    assert model.memory_bank.shift_keys == bool(shift)
     seg_len = 32
     g = torch.Generator().manual_seed(11)
     common = torch.arange(4, 24)  # frequent words fill the document
@@ -145,7 +148,7 @@ def test_planted_repeat_is_retrieved_far_beyond_the_local_window(data_dir):
     records = run_segments(model, segments, [[True], [False], [False], [False]])
     found = records[3].retrieval
     top1 = found.positions[0, :, 10:18, 0]  # each head, each token of the repeat
-    assert (top1 == torch.arange(10, 18)).float().mean() >= 0.9
+    assert (top1 == torch.arange(10, 18) + shift).float().mean() >= 0.9
     torch.testing.assert_close(found.scores[0, :, 10:18, 0], torch.ones(4, 8))  # the very same key
     margin = found.scores[0, :, 10:18, 0] - found.scores[0, :, 10:18, 1]
     assert margin.min() > 0.01 and margin.mean() > 0.05

@@ -34,10 +34,15 @@ def available_bytes(device: torch.device) -> int:
 
 class MemoryBank:
     """Memories of one model. ``layers`` maps a layer index to (num_heads, head_dim).
-    ``chunk_size`` > 1 gives LongMem's chunked retrieval (:class:`ChunkedKNNMemory`)."""
+    ``chunk_size`` > 1 gives LongMem's chunked retrieval (:class:`ChunkedKNNMemory`);
+    ``shift_keys`` keys each entry by the previous token (:class:`KNNMemory`)."""
 
     def __init__(self, layers: Dict[int, tuple], memory_size: int, dtype: str, backend: str,
-                 chunk_size: int = 1):
+                 chunk_size: int = 1, shift_keys: bool = False):
+        if shift_keys and chunk_size > 1:
+            raise MemtrmUserError(
+                "--memory-shift-keys works with token retrieval only: drop it or set --memory-chunk-size 1"
+            )
         if chunk_size < 1 or memory_size % chunk_size:
             raise MemtrmUserError(
                 f"--memory-size ({memory_size}) must be a multiple of --memory-chunk-size ({chunk_size})"
@@ -47,7 +52,13 @@ class MemoryBank:
         self.dtype = dtype
         self.backend = backend
         self.chunk_size = chunk_size
+        self.shift_keys = shift_keys
         self.stream_sets: Dict[str, Dict[int, KNNMemory]] = {}
+
+    def resized(self, memory_size: int) -> "MemoryBank":
+        """A new, empty bank like this one (layers, dtype, backend, chunks, key
+        shift) holding ``memory_size`` tokens per stream."""
+        return MemoryBank(self.layers, memory_size, self.dtype, self.backend, self.chunk_size, self.shift_keys)
 
     def bytes_per_stream(self) -> int:
         if self.chunk_size > 1:  # the token ring is searched by nobody; chunk means by the backend
@@ -64,7 +75,7 @@ class MemoryBank:
         if self.chunk_size > 1:
             return ChunkedKNNMemory(num_streams, heads, dim, self.memory_size, self.chunk_size,
                                     self.dtype, self.backend)
-        return KNNMemory(num_streams, heads, dim, self.memory_size, self.dtype, self.backend)
+        return KNNMemory(num_streams, heads, dim, self.memory_size, self.dtype, self.backend, self.shift_keys)
 
     def check_fits(self, num_streams: int, device: torch.device) -> None:
         """Fail before any work when ``num_streams`` full memories would not fit."""

@@ -8,7 +8,10 @@ This one class owns all memory state. Its invariants (each one tested in
 * when full, the oldest entries are overwritten first (a ring buffer, as in
   meliad); the memory is never wiped wholesale;
 * entries are stored detached: no gradient ever reaches them;
-* every entry remembers its position in its document, for reports and demos.
+* every entry remembers its position in its document, for reports and demos;
+* with ``shift_keys``, the entry of position ``p`` holds the key of ``p - 1``
+  (the previous token of the same document, carried across segments; a
+  document's first token keys itself) and the value of ``p``.
 
 The order of operations per segment is the caller's: reset the streams that
 start a document, ``search`` with the segment's queries, then ``add`` the
@@ -67,6 +70,7 @@ class KNNMemory:
         memory_size: int,
         dtype: str = "fp32",
         backend: str = "exact",
+        shift_keys: bool = False,
     ):
         if memory_size < 0:
             from fairseq_memtrm.errors import MemtrmUserError
@@ -84,6 +88,11 @@ class KNNMemory:
             head_dim=head_dim,
             memory_size=memory_size,
         )
+        # Shifted keys (a "smeared key", Olsson et al. 2022): a query that matches
+        # the key of a past token reads the value of the token that followed it,
+        # the induction step ("last time, this came next") built into the memory.
+        self.shift_keys = shift_keys
+        self.last_keys: Optional[Tensor] = None  # (B, H, D) each stream's newest key
         self.capacity = 0
         self.keys: Optional[Tensor] = None  # (B, H, capacity, D)
         self.values: Optional[Tensor] = None  # (B, H, capacity, D)
@@ -108,6 +117,8 @@ class KNNMemory:
             raise ValueError(f"reset got {streams.numel()} streams, memory has {self.num_streams}")
         for stream in streams.nonzero().flatten().tolist():
             self.written[stream] = 0
+            if self.last_keys is not None:
+                self.last_keys[stream] = 0
             if self.positions is not None:
                 self.positions[stream] = -1
             self.backend.on_reset(stream)
@@ -144,20 +155,28 @@ class KNNMemory:
             token_mask = keys.new_ones(bsz, seq_len, dtype=torch.bool)
         counts = token_mask.sum(dim=1).tolist()
         self._ensure_capacity(max(int(self.written.max()) + max(counts), 1), keys)
+        if self.shift_keys and self.last_keys is None:
+            self.last_keys = keys.new_zeros(bsz, self.num_heads, self.head_dim, dtype=self.dtype)
         for stream in range(bsz):
             index = token_mask[stream].nonzero().flatten()
             if index.numel() == 0:
                 continue
-            index = index[-self.memory_size :]  # only the newest can survive
-            start = int(self.written[stream]) + (counts[stream] - index.numel())
-            doc_positions = torch.arange(start, start + index.numel(), device=keys.device)
+            stream_keys = keys[stream, :, index].detach().to(self.dtype)  # (H, n, D)
+            if self.shift_keys:
+                first = self.last_keys[stream, :, None] if self.written[stream] > 0 else stream_keys[:, :1]
+                shifted = torch.cat([first, stream_keys[:, :-1]], dim=1)  # copies `first` before it is replaced
+                self.last_keys[stream] = stream_keys[:, -1]
+                stream_keys = shifted
+            keep = min(index.numel(), self.memory_size)  # only the newest can survive
+            index, stream_keys = index[-keep:], stream_keys[:, -keep:]
+            start = int(self.written[stream]) + (counts[stream] - keep)
+            doc_positions = torch.arange(start, start + keep, device=keys.device)
             slots = doc_positions % self.memory_size
-            new_keys = keys[stream, :, index].detach().to(self.dtype)
-            self.keys[stream, :, slots] = new_keys
+            self.keys[stream, :, slots] = stream_keys
             self.values[stream, :, slots] = values[stream, :, index].detach().to(self.dtype)
             self.positions[stream, slots] = doc_positions
             self.written[stream] += counts[stream]
-            self.backend.on_add(stream, slots, new_keys)
+            self.backend.on_add(stream, slots, stream_keys)
 
     @torch.no_grad()
     @torch.profiler.record_function("knn_memory.search")

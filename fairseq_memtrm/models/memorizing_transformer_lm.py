@@ -37,7 +37,7 @@ from torch import Tensor
 from fairseq_memtrm.errors import MemtrmUserError
 from fairseq_memtrm.memory import MemoryBank
 from fairseq_memtrm.memory.search import parse_backend_spec
-from fairseq_memtrm.modules.knn_attention import DEFAULT_MEMORY_PARAM_GAIN, KNNAugmentedAttention
+from fairseq_memtrm.modules.knn_attention import DEFAULT_MEMORY_PARAM_GAIN, MEMORY_QUERIES, KNNAugmentedAttention
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,18 @@ class MemorizingTransformerLMConfig(TransformerLanguageModelConfig):
     memory_dtype: ChoiceEnum(["fp32", "fp16"]) = field(
         default="fp32", metadata={"help": "storage dtype of memory keys/values (fp16 halves RAM)"}
     )
+    memory_query: ChoiceEnum(list(MEMORY_QUERIES)) = field(
+        default="query",
+        metadata={"help": "what queries the memory: the token's attention query (the paper), or its own key "
+                          "(finds past tokens like this one without a learned query/key match; with "
+                          "--memory-shift-keys, what followed them)"},
+    )
+    memory_shift_keys: bool = field(
+        default=False,
+        metadata={"help": "key each memory entry by the previous token's key (its value stays the token's "
+                          "own): a query matching a past token reads what followed it, the copying step "
+                          "a small model has not learned (README, Results); off = the paper's memory"},
+    )
     memory_backend: str = field(
         default="exact",
         metadata={"help": "top-k search backend: exact (blocked matmul), faiss-flat, faiss-ivf, faiss-hnsw; "
@@ -99,7 +111,8 @@ def parse_memory_layers(spec: str, num_layers: int) -> List[int]:
 
 
 def build_memorizing_layer(cfg: TransformerConfig, knn_k: int, memory_gate_init: float,
-                           memory_scale_init: float = 20.0, memory_param_gain: float = DEFAULT_MEMORY_PARAM_GAIN):
+                           memory_scale_init: float = 20.0, memory_param_gain: float = DEFAULT_MEMORY_PARAM_GAIN,
+                           memory_query: str = "query"):
     """A stock decoder layer whose self-attention is kNN-augmented."""
     layer = TransformerDecoderLayerBase(cfg, no_encoder_attn=True)
     layer.self_attn = KNNAugmentedAttention(
@@ -109,6 +122,7 @@ def build_memorizing_layer(cfg: TransformerConfig, knn_k: int, memory_gate_init:
         memory_gate_init=memory_gate_init,
         memory_scale_init=memory_scale_init,
         memory_param_gain=memory_param_gain,
+        memory_query=memory_query,
         dropout=cfg.attention_dropout,
         q_noise=layer.quant_noise,
         qn_block_size=layer.quant_noise_block_size,
@@ -137,7 +151,8 @@ class MemorizingTransformerLanguageModel(TransformerLanguageModel):
         self.memory_layer_ids = parse_memory_layers(args.memory_layers, len(decoder.layers))
         for index in self.memory_layer_ids:
             decoder.layers[index] = build_memorizing_layer(
-                decoder.cfg, args.knn_k, args.memory_gate_init, args.memory_scale_init, args.memory_param_gain
+                decoder.cfg, args.knn_k, args.memory_gate_init, args.memory_scale_init, args.memory_param_gain,
+                args.memory_query,
             )
         self.memory_bank = MemoryBank(
             {i: (decoder.layers[i].self_attn.num_heads, decoder.layers[i].self_attn.head_dim)
@@ -145,6 +160,7 @@ class MemorizingTransformerLanguageModel(TransformerLanguageModel):
             memory_size=args.memory_size,
             dtype=args.memory_dtype,
             backend=args.memory_backend,
+            shift_keys=args.memory_shift_keys,
         )
         logger.info(
             "memorizing layers %s: memory %d tokens/stream, k=%d, %s, backend %s (%.1f MiB per stream)",
@@ -230,12 +246,14 @@ def memory_defaults(args):
     args.memory_param_gain = getattr(args, "memory_param_gain", DEFAULT_MEMORY_PARAM_GAIN)
     args.memory_dtype = getattr(args, "memory_dtype", "fp32")
     args.memory_backend = getattr(args, "memory_backend", "exact")
+    args.memory_shift_keys = getattr(args, "memory_shift_keys", False)
 
 
 def memorizing_defaults(args):
     """Defaults of the flags of memorizing_transformer_lm."""
     args.memory_layers = getattr(args, "memory_layers", "")
     args.memory_scale_init = getattr(args, "memory_scale_init", 20.0)
+    args.memory_query = getattr(args, "memory_query", "query")
     memory_defaults(args)
 
 

@@ -9,6 +9,10 @@ Per head, the layer computes two attentions and mixes them with a learned gate:
   the :class:`~fairseq_memtrm.memory.KNNMemory` (earlier segments of the same
   document only), and a separate softmax over those k entries, scaled by a
   learned per-head temperature, reads their values. No position encoding.
+  With ``memory_query="key"`` the token's own key is the memory query: the
+  memory finds the past tokens whose keys resemble this one's (with the
+  memory's shifted keys: the tokens that *followed* a match), which needs no
+  learned query/key alignment (README, Results).
 
 ``out = local * (1 - g) + memory * g`` with ``g = sigmoid(b_h)``.
 Where a query found nothing in memory, ``g`` is 0 for it, so an empty memory
@@ -42,6 +46,7 @@ from fairseq_memtrm.memory import KNNMemory, Retrieval
 MEMORY_PARAMETERS = ("memory_gate", "memory_log_scale")
 MEMORY_STATE = MEMORY_PARAMETERS + ("memory_param_gain",)  # what a vanilla layer lacks
 DEFAULT_MEMORY_PARAM_GAIN = 50.0
+MEMORY_QUERIES = ("query", "key")  # which projection of a token queries the memory
 
 
 @dataclass
@@ -55,11 +60,15 @@ class RetrievalRecord:
 
 class KNNAugmentedAttention(MultiheadAttention):
     def __init__(self, embed_dim: int, num_heads: int, knn_k: int = 32, memory_gate_init: float = 0.0,
-                 memory_scale_init: float = 20.0, memory_param_gain: float = DEFAULT_MEMORY_PARAM_GAIN, **kwargs):
+                 memory_scale_init: float = 20.0, memory_param_gain: float = DEFAULT_MEMORY_PARAM_GAIN,
+                 memory_query: str = "query", **kwargs):
         super().__init__(embed_dim, num_heads, self_attention=True, **kwargs)
         if not memory_param_gain > 0:
             raise ValueError(f"memory_param_gain must be positive, got {memory_param_gain}")
+        if memory_query not in MEMORY_QUERIES:
+            raise ValueError(f"memory_query must be one of {MEMORY_QUERIES}, got {memory_query!r}")
         self.knn_k = knn_k
+        self.memory_query = memory_query
         self.register_buffer("memory_param_gain", torch.tensor(float(memory_param_gain)))
         self.memory_gate = nn.Parameter(torch.full((num_heads,), float(memory_gate_init) / memory_param_gain))
         # Normalised q.k lies in [-1, 1]: the softmax over the k hits needs a high
@@ -147,7 +156,7 @@ class KNNAugmentedAttention(MultiheadAttention):
         local_out = torch.matmul(local_probs, v)  # (B, H, T, D)
 
         # Memory attention over the top-k entries of earlier segments.
-        q_unit = F.normalize(q, dim=-1)
+        q_unit = F.normalize(k if self.memory_query == "key" else q, dim=-1)
         k_unit = F.normalize(k, dim=-1)
         retrieval = memory.search(q_unit.detach(), self.knn_k)
         scale = self.memory_scale().view(1, -1, 1, 1)
