@@ -9,8 +9,8 @@ configuration and keeps every token's loss, so that it can also report
   where memory matters most;
 * which token types gain most from memory (loss without minus with memory);
 * the per-head gate values sigmoid(b_h) of each memory layer, and retrieval
-  statistics (top-1 similarity, distance back), to tell whether the model uses
-  its memory.
+  statistics (top-1 similarity, distance back, and how often the best entry is
+  the very token to predict), to tell whether the model uses its memory.
 
 The headline perplexity of each configuration is the one ``fairseq-eval-lm``
 prints for the same checkpoint and overrides (tests/test_memory_sweep.py checks
@@ -95,7 +95,8 @@ def score(model, task, subset, tokens_per_sample, batch_size, far_position, log_
     if recording:
         model.set_record_retrievals(True)
     losses, docs, positions, types = [], [], [], []
-    top1_scores, distances = [], []
+    top1_scores, distances, top1_holds_next, next_seen = [], [], [], []
+    doc_tokens = {}  # doc id -> its source tokens so far, by document position (retrieval quality)
     for sample in progress:
         sample = utils.move_to_cuda(sample, device) if device.type == "cuda" else sample
         net_output = model(**sample["net_input"])
@@ -118,6 +119,10 @@ def score(model, task, subset, tokens_per_sample, batch_size, far_position, log_
                 top1_scores.append(record.retrieval.scores[..., 0][found].float().cpu())
                 query_position = position.unsqueeze(1).expand_as(found)  # = its source token's memory position
                 distances.append((query_position - record.retrieval.positions[..., 0])[found].cpu())
+                holds, seen = retrieval_quality(record, doc_tokens, sample, mask)
+                top1_holds_next.append(holds)
+                next_seen.append(seen)
+            remember_source_tokens(doc_tokens, sample, position, mask)
     if recording:
         model.set_record_retrievals(False)
     result = {
@@ -130,8 +135,43 @@ def score(model, task, subset, tokens_per_sample, batch_size, far_position, log_
         scores, dist = torch.cat(top1_scores), torch.cat(distances).float()
         result["retrieval"] = {"mean_top1_similarity": float(scores.mean()),
                                "median_top1_distance": float(dist.median()),
-                               "mean_top1_distance": float(dist.mean())}
+                               "mean_top1_distance": float(dist.mean()),
+                               "top1_holds_next_token": float(torch.cat(top1_holds_next).float().mean()),
+                               "next_token_seen_before": float(torch.cat(next_seen).float().mean())}
     return result
+
+
+def remember_source_tokens(doc_tokens, sample, position, mask):
+    """Append each row's source tokens to its document's (the memory just wrote them)."""
+    source = sample["net_input"]["src_tokens"].cpu()
+    for row in range(source.size(0)):
+        doc, real = int(sample["doc_id"][row]), mask[row].cpu()
+        start = int(position[row, 0])
+        known = doc_tokens.get(doc, torch.zeros(0, dtype=torch.long))[:start]  # a new document starts at 0
+        doc_tokens[doc] = torch.cat([known, source[row][real]])
+
+
+def retrieval_quality(record, doc_tokens, sample, mask):
+    """Per (head, token) of this segment that retrieved something: does the top-1
+    entry's own token (what its value carries) equal the token to predict? And,
+    per token, does that token occur at all among the memory's earlier tokens
+    (the ceiling of the first)? The entry at document position p holds source
+    token p, whether its key is its own or (--memory-shift-keys) the previous one's."""
+    target = sample["target"].cpu()
+    positions = record.retrieval.positions[..., 0].cpu()  # (B, H, T)
+    found = record.retrieval.mask[..., 0].cpu()
+    holds, seen = [], []
+    for row in range(target.size(0)):
+        past = doc_tokens.get(int(sample["doc_id"][row]))
+        real = mask[row].cpu()
+        if past is None or not found[row].any():
+            continue
+        retrieved = past[positions[row].clamp(0, past.numel() - 1)]  # (H, T)
+        hit = (retrieved == target[row]) & found[row]
+        holds.append(hit[:, real][found[row][:, real]])
+        seen.append(torch.isin(target[row][real], past))
+    empty = torch.zeros(0, dtype=torch.bool)
+    return (torch.cat(holds) if holds else empty), (torch.cat(seen) if seen else empty)
 
 
 def summarise(name, checkpoint, memory_size, scored, wall, far_position, gates):
@@ -187,13 +227,21 @@ def write_outputs(out, report):
     out.mkdir(parents=True, exist_ok=True)
     (out / "memory_sweep.json").write_text(json.dumps(report, indent=2))
     far = report["far_position"]
-    lines = [f"| run | eval memory | ppl | ppl past {far} | tokens | tok/s | gate (mean) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"| run | eval memory | ppl | ppl past {far} | tokens | tok/s | gate (mean) | top-1 holds next |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in report["runs"]:
         gates = [g for layer in row["gates"].values() for g in layer]
         gate = f"{np.mean(gates):.3f}" if gates else "-"
         past = f"{row['ppl_past_far_position']:.2f}" if row["ppl_past_far_position"] else "-"
+        found = row.get("retrieval", {})
+        holds = f"{found['top1_holds_next_token']:.1%}" if "top1_holds_next_token" in found else "-"
         lines.append(f"| {row['name']} | {row['memory_size']} | {row['ppl']:.2f} | {past} | {row['tokens']} | "
-                     f"{row['tokens_per_second']:.0f} | {gate} |")
+                     f"{row['tokens_per_second']:.0f} | {gate} | {holds} |")
+    ceiling = [r["retrieval"]["next_token_seen_before"] for r in report["runs"] if "next_token_seen_before" in r.get("retrieval", {})]
+    if ceiling:
+        lines += ["", "top-1 holds next: share of (head, token) retrievals whose best entry is the token to predict "
+                  f"(what its value carries); that token occurs earlier in its document for {max(ceiling):.0%} "
+                  "of tokens."]
     if report.get("biggest_gains"):
         lines += ["", f"Token types that gain most from memory ({report['gains_between']}):", "",
                   "| token | count | total gain (nats) | mean gain |", "|---|---:|---:|---:|"]

@@ -72,3 +72,35 @@ def test_sweep_perplexity_is_fairseq_eval_lm_perplexity(chain):
     assert match, out[-2000:]
     assert int(match.group(1).replace(",", "")) == expected["tokens"]
     assert float(match.group(2)) == pytest.approx(expected["ppl"], rel=1e-3)
+
+
+def test_retrieval_quality_checks_the_retrieved_tokens_against_the_targets():
+    """By hand: two segments of one document; the second retrieves known positions."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    import torch
+    from fairseq_memtrm.memory import Retrieval
+
+    spec = importlib.util.spec_from_file_location("sweep", Path(__file__).parents[1] / "scripts" / "eval_memory_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    doc_tokens = {}
+    first = {"net_input": {"src_tokens": torch.tensor([[2, 5, 6, 7]])}, "doc_id": torch.tensor([0]),
+             "target": torch.tensor([[5, 6, 7, 8]])}
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    sweep.remember_source_tokens(doc_tokens, first, torch.arange(4)[None], mask)
+    assert doc_tokens[0].tolist() == [2, 5, 6, 7]
+    second = {"net_input": {"src_tokens": torch.tensor([[8, 5, 9, 1]])}, "doc_id": torch.tensor([0]),
+              "target": torch.tensor([[5, 6, 9, 1]])}
+    mask = torch.tensor([[True, True, True, False]])  # the last token is padding
+    # 2 heads x 4 queries: the top-1 document positions found (-1: nothing)
+    positions = torch.tensor([[[1, 2, 3, 0], [0, 2, -1, 0]]])
+    retrieval = Retrieval(keys=None, values=None, scores=None, positions=positions[..., None],
+                          mask=(positions >= 0)[..., None])
+    holds, seen = sweep.retrieval_quality(SimpleNamespace(retrieval=retrieval), doc_tokens, second, mask)
+    # head 0: tokens 5, 6, 7 against targets 5, 6, 9; head 1: 2, 6, (none) against 5, 6
+    assert holds.tolist() == [True, True, False, False, True]
+    assert seen.tolist() == [True, True, False]  # 5 and 6 came before, 9 did not
+    sweep.remember_source_tokens(doc_tokens, second, torch.arange(4, 8)[None], mask)
+    assert doc_tokens[0].tolist() == [2, 5, 6, 7, 8, 5, 9]
