@@ -232,6 +232,9 @@ class DemoApp:
             + (f"{len(details.entries)} memory entries (layer {report.layer})." if details.entries
                else "Nothing retrieved (the first segment has an empty memory).")
         )
+        if details.entries and self.demo_model.model.memory_bank.shift_keys:
+            header += (" This model keys each entry by the token before it (`--memory-shift-keys`): a retrieved "
+                       "token is what the memory proposes for this one.")
         visible = lambda text: text.replace("\n", "\u21b5")  # a line break, shown in a table cell
         rows = [
             [rank + 1, visible(entry.left_context), visible(entry.token), visible(entry.right_context), entry.distance,

@@ -95,7 +95,8 @@ class MemoryEntry:
     heads: List[int]
     token: str  # the retrieved token
     left_context: str
-    right_context: str  # starts with the token that followed it (what a copy would predict)
+    right_context: str  # starts with the token that followed it (what a copy would predict; with
+    # --memory-shift-keys the entry was matched on the token before it and proposes `token` itself)
 
 
 @dataclass

@@ -246,9 +246,10 @@ def test_app_shows_bad_input_as_a_message(tmp_path):
     assert session["report"].num_tokens == num_tokens
 
 
-@pytest.mark.xfail(strict=True, reason="the committed model does not copy from its context yet (README, Results: "
-                   "copy gain 0.03 nats), so its memory retrieves other code; a model that copies turns this "
-                   "into an XPASS, which fails until the marker is removed")
+@pytest.mark.xfail(strict=True, reason="the committed model's layer-3 keys weigh the context around a name above "
+                   "the name (docs/demo.md, The demo model): its best retrievals at the call are other code with a "
+                   "similar context; a model that passes turns this into an XPASS, which fails until the marker "
+                   "is removed")
 def test_committed_demo_model_retrieves_a_function_defined_far_above_its_call():
     """The issue's bar for the demo model: at a call of a function defined
     ~9,000 tokens above (beyond the local window, so only the memory can see
