@@ -14,6 +14,7 @@ VANILLA=${2:?usage: finetune_memory.sh DATA_BIN VANILLA_CKPT SAVE_DIR [fairseq a
 SAVE=${3:?usage: finetune_memory.sh DATA_BIN VANILLA_CKPT SAVE_DIR [fairseq args]}
 shift 3
 [ -f "$VANILLA" ] || { echo "finetune_memory.sh: no checkpoint $VANILLA; run scripts/train_vanilla.sh first" >&2; exit 2; }
+stop_if_trained "$SAVE" "${MAX_UPDATE:-400}"
 finetune_options "$SAVE"
 exec "$BIN/fairseq-train" "$DATA" --user-dir fairseq_memtrm --task document_lm \
     --arch memorizing_transformer_lm "${SHAPE[@]}" --dropout 0.1 \

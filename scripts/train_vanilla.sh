@@ -19,6 +19,7 @@ if [ "${REPEAT_PROB:-0}" = 0 ]; then
 else
     TASK=(--user-dir fairseq_memtrm --task repeat_lm --repeat-prob "$REPEAT_PROB")
 fi
+stop_if_trained "$SAVE" "${MAX_UPDATE:-1500}"
 exec "$BIN/fairseq-train" "$DATA" "${TASK[@]}" --sample-break-mode none \
     --arch transformer_lm "${SHAPE[@]}" --dropout 0.1 \
     --tokens-per-sample "$TOKENS_PER_SAMPLE" --batch-size "$BATCH_SIZE" \

@@ -30,6 +30,9 @@ def chain(tmp_path_factory):
     data = work / "code"
     run("bash", "scripts/train_vanilla.sh", data, work / "vanilla")
     vanilla = work / "vanilla" / "checkpoint_last.pt"
+    trained = vanilla.read_bytes()
+    again = run("bash", "scripts/train_vanilla.sh", data, work / "vanilla")  # a finished step: nothing to do
+    assert "nothing to train" in again and vanilla.read_bytes() == trained
     run("bash", "scripts/finetune_memory.sh", data, vanilla, work / "memory", env={**ENV, "MEMORY_SIZE": "1024"})
     run("bash", "scripts/finetune_memory.sh", data, vanilla, work / "control", env={**ENV, "MEMORY_SIZE": "0"})
     out = run(BIN / "python", "scripts/eval_memory_sweep.py", data, "--memory-checkpoint",
