@@ -14,14 +14,16 @@ fi
 
 # The fine-tuning budget shared by finetune_memory.sh and finetune_longmem.sh, so
 # that the two compare at equal updates by construction: segments, optimizer,
-# schedule, checkpoints and logging. Fills the array FINETUNE_OPTIONS.
+# schedule, checkpoints and logging. Fills the array FINETUNE_OPTIONS and sets
+# FINETUNE_MAX_UPDATE (its --max-update).
 # A fresh Adam starts with steps of ~lr on every weight at once: without the
 # warm-up, the first books run lost 10 ppl on the control and the memory model alike.
 #   finetune_options SAVE_DIR      env: LR (2e-4), WARMUP (100), MAX_UPDATE (400)
 finetune_options() {
+    FINETUNE_MAX_UPDATE=${MAX_UPDATE:-400}
     FINETUNE_OPTIONS=(--tokens-per-sample "$TOKENS_PER_SAMPLE" --batch-size "$BATCH_SIZE"
         --optimizer adam --adam-betas '(0.9, 0.98)' --clip-norm 1.0 --lr "${LR:-2e-4}"
-        --lr-scheduler fixed --warmup-updates "${WARMUP:-100}" --max-update "${MAX_UPDATE:-400}"
+        --lr-scheduler fixed --warmup-updates "${WARMUP:-100}" --max-update "$FINETUNE_MAX_UPDATE"
         --seed "$SEED" --save-dir "$1" --no-epoch-checkpoints --save-interval-updates 100
         --keep-interval-updates 1 --disable-validation --log-format simple --log-interval 25
         "${CPU_FLAG[@]}")

@@ -167,8 +167,8 @@ def retrieval_quality(record, doc_tokens, sample, mask):
         if past is None or not found[row].any():
             continue
         retrieved = past[positions[row].clamp(0, past.numel() - 1)]  # (H, T)
-        hit = (retrieved == target[row]) & found[row]
-        holds.append(hit[:, real][found[row][:, real]])
+        hit = retrieved == target[row]
+        holds.append(hit[:, real][found[row][:, real]])  # only where something was found
         seen.append(torch.isin(target[row][real], past))
     empty = torch.zeros(0, dtype=torch.bool)
     return (torch.cat(holds) if holds else empty), (torch.cat(seen) if seen else empty)

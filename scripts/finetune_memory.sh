@@ -14,8 +14,8 @@ VANILLA=${2:?usage: finetune_memory.sh DATA_BIN VANILLA_CKPT SAVE_DIR [fairseq a
 SAVE=${3:?usage: finetune_memory.sh DATA_BIN VANILLA_CKPT SAVE_DIR [fairseq args]}
 shift 3
 [ -f "$VANILLA" ] || { echo "finetune_memory.sh: no checkpoint $VANILLA; run scripts/train_vanilla.sh first" >&2; exit 2; }
-stop_if_trained "$SAVE" "${MAX_UPDATE:-400}"
 finetune_options "$SAVE"
+stop_if_trained "$SAVE" "$FINETUNE_MAX_UPDATE"
 exec "$BIN/fairseq-train" "$DATA" --user-dir fairseq_memtrm --task document_lm \
     --arch memorizing_transformer_lm "${SHAPE[@]}" --dropout 0.1 \
     --memory-size "${MEMORY_SIZE:-65536}" --knn-k "${KNN_K:-32}" \

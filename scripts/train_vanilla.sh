@@ -19,12 +19,13 @@ if [ "${REPEAT_PROB:-0}" = 0 ]; then
 else
     TASK=(--user-dir fairseq_memtrm --task repeat_lm --repeat-prob "$REPEAT_PROB")
 fi
-stop_if_trained "$SAVE" "${MAX_UPDATE:-1500}"
+MAX=${MAX_UPDATE:-1500}
+stop_if_trained "$SAVE" "$MAX"
 exec "$BIN/fairseq-train" "$DATA" "${TASK[@]}" --sample-break-mode none \
     --arch transformer_lm "${SHAPE[@]}" --dropout 0.1 \
     --tokens-per-sample "$TOKENS_PER_SAMPLE" --batch-size "$BATCH_SIZE" \
     --optimizer adam --adam-betas '(0.9, 0.98)' --clip-norm 1.0 --lr "${LR:-5e-4}" \
-    --lr-scheduler inverse_sqrt --warmup-updates 200 --max-update "${MAX_UPDATE:-1500}" \
+    --lr-scheduler inverse_sqrt --warmup-updates 200 --max-update "$MAX" \
     --seed "$SEED" --save-dir "$SAVE" --no-epoch-checkpoints --save-interval-updates 250 \
     --keep-interval-updates 1 --disable-validation --log-format simple --log-interval 50 \
     "${CPU_FLAG[@]}" "$@"

@@ -246,7 +246,6 @@ def memory_defaults(args):
     args.memory_param_gain = getattr(args, "memory_param_gain", DEFAULT_MEMORY_PARAM_GAIN)
     args.memory_dtype = getattr(args, "memory_dtype", "fp32")
     args.memory_backend = getattr(args, "memory_backend", "exact")
-    args.memory_shift_keys = getattr(args, "memory_shift_keys", False)
 
 
 def memorizing_defaults(args):
@@ -254,6 +253,7 @@ def memorizing_defaults(args):
     args.memory_layers = getattr(args, "memory_layers", "")
     args.memory_scale_init = getattr(args, "memory_scale_init", 20.0)
     args.memory_query = getattr(args, "memory_query", "query")
+    args.memory_shift_keys = getattr(args, "memory_shift_keys", False)
     memory_defaults(args)
 
 
