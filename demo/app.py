@@ -1,12 +1,14 @@
 #!/usr/bin/env python
 """Gradio app: see what the kNN memory retrieves for each token of a document.
 
-    python demo/app.py [--checkpoint CKPT] [--samples DIR] [--port 7860]
+    python demo/app.py [--checkpoint [NAME=]CKPT ...] [--samples DIR] [--port 7860]
 
 A document (a sample, pasted text or an uploaded .txt/.py file) is read
 through the model segment by segment; every token is coloured by how much the
 memory helped it (loss without memory minus loss with memory). Clicking a
-token lists what the memory returned for it. Every run gets memory banks of its
+token lists what the memory returned for it. Several models can be served at
+once (by default the committed ``code`` and ``books`` demo models); a sample
+picks the model of its kind, and the user can switch. Every run gets memory banks of its
 own (see ``report.build_report``), so sessions never see each other's text.
 """
 
@@ -16,8 +18,9 @@ import logging
 import os
 import sys
 import threading
+import re
 import uuid
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 if __package__ in (None, ""):  # run as `python demo/app.py`: make `demo` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -26,7 +29,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 
-from demo.checkpoint import DEMO_CHECKPOINT, DemoModel, load_demo_model  # noqa: E402
+from demo.checkpoint import DEMO_CHECKPOINTS, DemoModel, load_demo_model  # noqa: E402
 from demo.report import MAX_DOCUMENT_TOKENS, DocumentReport, build_report, token_details  # noqa: E402
 from fairseq_memtrm.errors import MemtrmUserError  # noqa: E402
 
@@ -37,6 +40,8 @@ STDLIB_SAMPLES = (
     "argparse.py", "dataclasses.py", "typing.py", "inspect.py", "tarfile.py", "subprocess.py",
     "textwrap.py", "bisect.py", "heapq.py", "shlex.py", "csv.py", "json/encoder.py",
 )
+#: The model a sample is read with by default, by file type, where a model of that name is served.
+SAMPLE_MODEL = {".py": "code", ".txt": "books"}
 TOKENS_PER_PAGE = 2000
 MEMORY_SIZES = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
 
@@ -99,13 +104,46 @@ def escape(text: str) -> str:
     return html.escape(text).replace("$", "&#36;").replace("{", "&#123;").replace("}", "&#125;")
 
 
+def parse_checkpoint_args(specs: Optional[List[str]]) -> Dict[str, str]:
+    """``--checkpoint [NAME=]CKPT`` values -> {name: path}; none given: the committed demo models.
+    An unnamed checkpoint is named after its directory (``checkpoints/books/ft/x.pt`` -> ``ft``)."""
+    if not specs:
+        committed = {name: path for name, path in DEMO_CHECKPOINTS.items() if os.path.isfile(path)}
+        if not committed:
+            raise MemtrmUserError(
+                f"no demo model in {os.path.dirname(os.path.dirname(DEMO_CHECKPOINTS['code']))}; "
+                "run `make demo-model` or pass --checkpoint CKPT"
+            )
+        return committed
+    checkpoints: Dict[str, str] = {}
+    for spec in specs:
+        match = re.fullmatch(r"([\w.-]+)=(.+)", spec)
+        name, path = match.groups() if match else (None, spec)
+        name = name or os.path.basename(os.path.dirname(os.path.abspath(path))) or "model"
+        if name in checkpoints:
+            if match:
+                raise MemtrmUserError(f"--checkpoint {spec}: the name {name!r} is taken; give each model its own")
+            name = f"{name}-{len(checkpoints) + 1}"
+        checkpoints[name] = path
+    return checkpoints
+
+
 class DemoApp:
-    def __init__(self, demo_model: DemoModel, samples: Dict[str, str], max_tokens: int = MAX_DOCUMENT_TOKENS):
-        self.demo_model = demo_model
+    def __init__(self, models: Dict[str, DemoModel], samples: Dict[str, str], max_tokens: int = MAX_DOCUMENT_TOKENS):
+        if not models:
+            raise MemtrmUserError("the demo needs at least one model")
+        self.models = models
         self.samples = samples
         self.max_tokens = max_tokens
-        # One model object serves every session: forward passes take turns.
+        # One lock for all models: forward passes take turns (2 CPU cores serve every session).
         self.model_lock = threading.Lock()
+
+    def model_for_sample(self, sample, current=None):
+        """The model a sample is read with: the one named for its file type, else the current one."""
+        name = SAMPLE_MODEL.get(os.path.splitext(self.samples.get(sample, ""))[1])
+        if name in self.models:
+            return name
+        return current if current in self.models else next(iter(self.models))
 
     # ----------------------------------------------------------- rendering
     def render_page(self, report: DocumentReport, token_texts, page: int) -> str:
@@ -165,12 +203,15 @@ class DemoApp:
             return read_text_file(path)
         return pasted or ""
 
-    def run(self, source, sample, pasted, upload, memory_size, knn_k, session, request: gr.Request,
+    def run(self, model_name, source, sample, pasted, upload, memory_size, knn_k, session, request: gr.Request,
             progress=gr.Progress()):
         """Read the chosen document; returns status, page view, page control, plots, session."""
         session = dict(session or {})
         session.setdefault("stream_id", f"session-{getattr(request, 'session_hash', None) or uuid.uuid4().hex}")
         try:
+            if model_name not in self.models:
+                raise MemtrmUserError(f"choose a model: {', '.join(self.models)}")
+            demo_model = self.models[model_name]
             text = self.load_document(source, sample, pasted, upload)
             if not text.strip():
                 raise MemtrmUserError("the document is empty: paste some text, upload a .txt/.py file or pick a sample")
@@ -179,11 +220,11 @@ class DemoApp:
                     f"the document has {len(text):,} characters, far over the limit of "
                     f"{self.max_tokens:,} tokens: cut it or upload a part of it"
                 )
-            token_ids = self.demo_model.encode(text)
+            token_ids = demo_model.encode(text)
             progress(0, desc="reading the document")
             report = build_report(
-                self.demo_model.model, token_ids,
-                segment_length=self.demo_model.segment_length,
+                demo_model.model, token_ids,
+                segment_length=demo_model.segment_length,
                 memory_size=int(memory_size), knn_k=int(knn_k),
                 stream_id=session["stream_id"], lock=self.model_lock, max_tokens=self.max_tokens,
                 progress=lambda done, total, what: progress((done, total), desc=what, unit="segments"),
@@ -191,12 +232,13 @@ class DemoApp:
         except MemtrmUserError as error:
             return (f"**Error:** {error.message}", "", gr.update(), None, None, session)
         session["report"] = report
-        session["token_texts"] = self.demo_model.token_texts(report.token_ids)
+        session["model"] = model_name
+        session["token_texts"] = demo_model.token_texts(report.token_ids)
         pages = (report.num_tokens - 1) // TOKENS_PER_PAGE + 1
         gain = report.memory_gain[1:]
         status = (
-            f"Read **{report.num_tokens:,} tokens** in {len(report.segment_starts)} segments of "
-            f"{self.demo_model.segment_length} (memory {report.memory_size:,} tokens, k={report.knn_k}, "
+            f"Read **{report.num_tokens:,} tokens** with the `{model_name}` model in {len(report.segment_starts)} "
+            f"segments of {demo_model.segment_length} (memory {report.memory_size:,} tokens, k={report.knn_k}, "
             f"layer {report.layer}). Mean loss {np.nanmean(report.loss_with_memory):.3f} nats with memory, "
             f"{np.nanmean(report.loss_without_memory):.3f} without; memory helped "
             f"{np.mean(gain > 0):.0%} of tokens. Click a token to see its retrievals."
@@ -232,7 +274,7 @@ class DemoApp:
             + (f"{len(details.entries)} memory entries (layer {report.layer})." if details.entries
                else "Nothing retrieved (the first segment has an empty memory).")
         )
-        if details.entries and self.demo_model.model.memory_bank.shift_keys:
+        if details.entries and self.models[session["model"]].model.memory_bank.shift_keys:
             header += (" This model keys each entry by the token before it (`--memory-shift-keys`): a retrieved "
                        "token is what the memory proposes for this one.")
         visible = lambda text: text.replace("\n", "\u21b5")  # a line break, shown in a table cell
@@ -249,15 +291,19 @@ class DemoApp:
         with gr.Blocks(title="Memorizing Transformer: what does the memory retrieve?") as blocks:
             gr.Markdown(
                 "# What does the kNN memory retrieve?\n"
-                f"Model: `{os.path.basename(self.demo_model.checkpoint)}`. Each token is coloured by "
+                f"Models: {', '.join(f'`{name}` ({m.checkpoint_label})' for name, m in self.models.items())}. "
+                "Each token is coloured by "
                 "**loss without memory − loss with memory**: green where the memory helped, red where it "
                 f"hurt. Documents up to {self.max_tokens:,} tokens."
             )
             session = gr.State({})
             with gr.Row():
                 with gr.Column(scale=2):
+                    first_sample = next(iter(self.samples), None)
+                    model_choice = gr.Radio(list(self.models), value=self.model_for_sample(first_sample),
+                                            label="Model", elem_id="model-choice", visible=len(self.models) > 1)
                     source = gr.Radio(["Sample", "Paste", "Upload"], value="Sample", label="Document")
-                    sample = gr.Dropdown(list(self.samples), value=next(iter(self.samples), None),
+                    sample = gr.Dropdown(list(self.samples), value=first_sample,
                                          label="Sample document", elem_id="sample-choice")
                     pasted = gr.Textbox(label="Pasted text", lines=4, elem_id="pasted-text")
                     upload = gr.File(label="Upload a .txt or .py file", file_types=[".txt", ".py"], type="filepath")
@@ -288,10 +334,11 @@ class DemoApp:
 
             run_button.click(
                 self.run,
-                inputs=[source, sample, pasted, upload, memory_size, knn_k, session],
+                inputs=[model_choice, source, sample, pasted, upload, memory_size, knn_k, session],
                 outputs=[status, document_view, page, loss_plot, distance_plot, session],
                 concurrency_limit=4,
             )
+            sample.change(self.model_for_sample, inputs=[sample, model_choice], outputs=model_choice)
             page.change(self.show_page, inputs=[page, session], outputs=document_view)
             document_view.click(self.select_token, inputs=[session],
                                 outputs=[token_header, retrieval_table, gate_table])
@@ -300,10 +347,13 @@ class DemoApp:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Gradio demo of the kNN memory's retrievals")
-    parser.add_argument("--checkpoint", default=DEMO_CHECKPOINT, help="a local memorizing_transformer_lm checkpoint")
+    parser.add_argument("--checkpoint", action="append", metavar="[NAME=]CKPT",
+                        help="a local memorizing_transformer_lm checkpoint, optionally named; repeat to serve "
+                        "several (default: the committed demo models, code and books)")
     parser.add_argument("--data", default=None, help="directory with dict.txt and spm.model (default: "
-                        "next to the checkpoint, then its data-bin)")
-    parser.add_argument("--spm-model", default=None, help="SentencePiece model (default: DATA/spm.model)")
+                        "next to the checkpoint, then its data-bin); with one --checkpoint only")
+    parser.add_argument("--spm-model", default=None, help="SentencePiece model (default: DATA/spm.model); "
+                        "with one --checkpoint only")
     parser.add_argument("--samples", default=None, help="folder of .txt/.py documents to offer as samples")
     parser.add_argument("--segment-length", type=int, default=None,
                         help="tokens per segment (default: the checkpoint's --tokens-per-sample)")
@@ -320,10 +370,17 @@ def main(argv=None):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         samples = list_samples(args.samples)
-        demo_model = load_demo_model(args.checkpoint, args.data, args.spm_model, args.segment_length, args.cpu)
+        checkpoints = parse_checkpoint_args(args.checkpoint)
+        if len(checkpoints) > 1 and (args.data or args.spm_model):
+            raise MemtrmUserError("--data and --spm-model apply to one checkpoint; with several, keep each "
+                                  "checkpoint's dict.txt and spm.model next to it or in its data-bin")
+        models = {
+            name: load_demo_model(path, args.data, args.spm_model, args.segment_length, args.cpu)
+            for name, path in checkpoints.items()
+        }
     except MemtrmUserError as error:
         raise SystemExit(f"demo/app.py: error: {error.message}")
-    blocks = DemoApp(demo_model, samples, args.max_document_tokens).build()
+    blocks = DemoApp(models, samples, args.max_document_tokens).build()
     print(f"Memorizing Transformer demo: http://{args.host}:{args.port}", flush=True)
     blocks.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port,
                                                      show_error=False, theme=gr.themes.Soft())

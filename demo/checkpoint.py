@@ -23,7 +23,10 @@ from fairseq_memtrm.errors import MemtrmUserError
 logger = logging.getLogger(__name__)
 
 DEMO_ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
-DEMO_CHECKPOINT = os.path.join(DEMO_ASSETS, "demo_model.pt")
+#: The committed demo models, one per corpus, each built by ``scripts/make_demo_model.py --corpus NAME``
+#: into ``demo/assets/NAME/`` with its ``spm.model`` and ``dict.txt``.
+DEMO_CHECKPOINTS = {name: os.path.join(DEMO_ASSETS, name, "demo_model.pt") for name in ("code", "books")}
+DEMO_CHECKPOINT = DEMO_CHECKPOINTS["code"]
 SPM_NAMES = ("spm.model", "sentencepiece.bpe.model", "spm.bpe.model")
 SPACE = "\u2581"  # SentencePiece's word-boundary mark
 
@@ -35,6 +38,12 @@ class DemoModel:
     spm: object  # sentencepiece.SentencePieceProcessor
     segment_length: int
     checkpoint: str
+
+    @property
+    def checkpoint_label(self) -> str:
+        """The checkpoint's path as a person would type it: relative where it is under the working directory."""
+        relative = os.path.relpath(self.checkpoint)
+        return self.checkpoint if relative.startswith("..") else relative
 
     def encode(self, text: str) -> List[int]:
         """Document text -> token ids: ``</s>``, then per non-blank line its pieces and ``</s>``."""

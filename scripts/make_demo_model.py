@@ -1,25 +1,27 @@
 #!/usr/bin/env python
-"""Build the demo's model: the code experiment's memorizing fine-tune, exported.
+"""Build a demo model: a corpus experiment's memorizing fine-tune, exported.
 
-The demo model is the ``memory`` model of the code corpus experiment
-(README "Results", the same scripts): the running
-interpreter's standard library, one module = one document. Steps, each reused
-when its output exists (``--force`` redoes the training):
+The demo serves one model per corpus (``demo/assets/code/``, ``demo/assets/books/``),
+each the memorizing fine-tune of that corpus's experiment (README "Results", the
+same scripts), with a memory that copies: queried with each token's key and keyed
+by the previous token (``--memory-query key --memory-shift-keys``). Steps, each
+reused when its output exists (``--force`` redoes the training):
 
-1. data: ``scripts/prepare_data.py --stdlib --name pycode`` (SentencePiece 8K,
-   indentation kept) -> ``data-bin/pycode`` with ``dict.txt`` and ``spm.model``;
-2. ``scripts/train_vanilla.sh``: a vanilla 6 x 256 ``transformer_lm``, trained
-   with repeated spans mixed in (``--task repeat_lm``) so that it learns to copy
-   from its context, which is what the memory extends;
+1. data: ``scripts/prepare_data.py`` (SentencePiece 8K) -> ``data-bin/NAME`` with
+   ``dict.txt`` and ``spm.model``. code: the running interpreter's standard
+   library, one module = one document, indentation kept (``--stdlib``); books:
+   the PG-19-layout folder ``--books-dir`` (default ``../shared/data/books``);
+2. ``scripts/train_vanilla.sh``: a vanilla 6 x 256 ``transformer_lm`` (code: with
+   repeated spans mixed in, ``--task repeat_lm``, so that it learns to copy from
+   its context, which is what the memory extends);
 3. ``scripts/finetune_memory.sh``: ``memorizing_transformer_lm`` from it, with a
-   65K memory over whole documents (``--task document_lm``), queried with each
-   token's key and keyed by the previous token (``--memory-query key
-   --memory-shift-keys``: the variant that gains on code, README "Results");
+   65K memory over whole documents (``--task document_lm``);
 4. export: fp16 weights without optimizer state, with ``spm.model`` and
-   ``dict.txt``, to ``demo/assets/`` (<= 25 MB).
+   ``dict.txt``, to ``demo/assets/CORPUS/`` (<= 25 MB).
 
 ``--checkpoint CKPT --data-bin DIR`` exports an existing fine-tune instead.
-The full recipe (3,000 + 1,000 updates) takes about 75 minutes on 2 CPU cores.
+On 2 CPU cores the code recipe (3,000 + 1,000 updates) takes about 90 minutes,
+the books recipe (700 + 200 updates) about 30.
 """
 
 import argparse
@@ -36,6 +38,14 @@ logging.basicConfig(format="%(asctime)s | %(levelname)s | make_demo_model | %(me
 logger = logging.getLogger("make_demo_model")
 
 MAX_CHECKPOINT_BYTES = 25 * 2**20
+COPYING_MEMORY = ["--memory-query", "key", "--memory-shift-keys"]
+#: corpus -> data-bin name, vanilla updates and copying curriculum, fine-tune updates and options
+RECIPES = {
+    "code": dict(data_bin="pycode", vanilla_updates=3000, repeat_prob="0.5", finetune_updates=1000,
+                 step="memory-keyq", finetune_args=COPYING_MEMORY),
+    "books": dict(data_bin="books", vanilla_updates=700, repeat_prob="0", finetune_updates=200,
+                  step="memory-keyq", finetune_args=COPYING_MEMORY),
+}
 
 
 def run(command, **env):
@@ -44,21 +54,34 @@ def run(command, **env):
                    env={**os.environ, "BIN": os.path.dirname(sys.executable), **env})
 
 
-def build(args) -> str:
+def prepare_data(args, recipe) -> str:
+    if args.corpus == "code":
+        source = ["--stdlib", "--character-coverage", "1.0"]
+    else:
+        if not os.path.isdir(os.path.join(args.books_dir, "train")):
+            raise SystemExit(
+                f"make_demo_model: no books at {args.books_dir} (a folder with train/ valid/ test/, one book "
+                "per .txt); pass --books-dir DIR"
+            )
+        source = ["--source-dir", args.books_dir]
+    run([sys.executable, "scripts/prepare_data.py", *source, "--name", recipe["data_bin"], "--dest-dir", "data-bin",
+         "--workers", "2", "--quiet"])
+    return os.path.join(REPO, "data-bin", recipe["data_bin"])
+
+
+def build(args, recipe) -> str:
     """Steps 1-3; returns the fine-tuned checkpoint."""
-    data_bin = os.path.join(REPO, "data-bin", "pycode")
-    run([sys.executable, "scripts/prepare_data.py", "--stdlib", "--name", "pycode", "--dest-dir", "data-bin",
-         "--character-coverage", "1.0", "--workers", "2", "--quiet"])
-    work = os.path.join(REPO, "checkpoints", "pycode")
+    data_bin = prepare_data(args, recipe)
+    work = os.path.join(REPO, "checkpoints", recipe["data_bin"])
     if args.force:
-        for step in ("vanilla", "memory-keyq"):
+        for step in ("vanilla", recipe["step"]):
             shutil.rmtree(os.path.join(work, step), ignore_errors=True)
     run(["bash", "scripts/train_vanilla.sh", data_bin, os.path.join(work, "vanilla")],
-        MAX_UPDATE=str(args.vanilla_updates), REPEAT_PROB="0.5")
+        MAX_UPDATE=str(args.vanilla_updates or recipe["vanilla_updates"]), REPEAT_PROB=recipe["repeat_prob"])
     run(["bash", "scripts/finetune_memory.sh", data_bin, os.path.join(work, "vanilla", "checkpoint_last.pt"),
-         os.path.join(work, "memory-keyq"), "--memory-query", "key", "--memory-shift-keys"],
-        MAX_UPDATE=str(args.finetune_updates), MEMORY_SIZE=str(args.memory_size))
-    return os.path.join(work, "memory-keyq", "checkpoint_last.pt")
+         os.path.join(work, recipe["step"]), *recipe["finetune_args"]],
+        MAX_UPDATE=str(args.finetune_updates or recipe["finetune_updates"]), MEMORY_SIZE=str(args.memory_size))
+    return os.path.join(work, recipe["step"], "checkpoint_last.pt")
 
 
 def export(checkpoint: str, data_bin: str, assets: str) -> str:
@@ -85,14 +108,19 @@ def export(checkpoint: str, data_bin: str, assets: str) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", choices=sorted(RECIPES), default="code", help="which demo model to build")
+    parser.add_argument("--books-dir", default=os.path.join(os.path.dirname(REPO), "shared", "data", "books"),
+                        help="PG-19-layout books folder (train/ valid/ test/) for --corpus books")
     parser.add_argument("--checkpoint", help="export this memorizing checkpoint instead of training one")
     parser.add_argument("--data-bin", help="the checkpoint's data-bin (dict.txt, spm.model)")
-    parser.add_argument("--assets", default=os.path.join(REPO, "demo", "assets"))
-    parser.add_argument("--vanilla-updates", type=int, default=3000)
-    parser.add_argument("--finetune-updates", type=int, default=1000)
+    parser.add_argument("--assets", default=None, help="output folder (default: demo/assets/CORPUS)")
+    parser.add_argument("--vanilla-updates", type=int, default=None, help="default: the corpus recipe's")
+    parser.add_argument("--finetune-updates", type=int, default=None, help="default: the corpus recipe's")
     parser.add_argument("--memory-size", type=int, default=65536)
     parser.add_argument("--force", action="store_true", help="retrain the vanilla and the fine-tuned model")
     args = parser.parse_args()
+    recipe = RECIPES[args.corpus]
+    assets = args.assets or os.path.join(REPO, "demo", "assets", args.corpus)
     if args.checkpoint:
         if not args.data_bin:
             parser.error("--checkpoint needs --data-bin (where its dict.txt and spm.model are)")
@@ -101,8 +129,8 @@ def main():
                 raise SystemExit(f"make_demo_model: no file {path}")
         checkpoint, data_bin = args.checkpoint, args.data_bin
     else:
-        checkpoint, data_bin = build(args), os.path.join(REPO, "data-bin", "pycode")
-    export(checkpoint, data_bin, args.assets)
+        checkpoint, data_bin = build(args, recipe), os.path.join(REPO, "data-bin", recipe["data_bin"])
+    export(checkpoint, data_bin, assets)
 
 
 if __name__ == "__main__":

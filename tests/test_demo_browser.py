@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from demo.checkpoint import DEMO_CHECKPOINT
+from demo.checkpoint import DEMO_CHECKPOINTS
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "tests" / "artifacts"
@@ -38,6 +38,13 @@ def code_document(word: str, functions: int = 30) -> str:
     return "\n".join(lines) + "\n"
 
 
+def book_document(chapters: int = 12) -> str:
+    """Prose in which two names come back chapter after chapter."""
+    paragraph = ("Mr. Balfour walked down the long road to Essendean with his old friend Alan Breck, and "
+                 "they spoke of the house of Shaws, of the sea and of the ship that had carried them north. ")
+    return "\n\n".join(f"CHAPTER {i + 1}\n\n" + paragraph * 3 for i in range(chapters)) + "\n"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -49,10 +56,12 @@ def app_url(tmp_path_factory):
     samples = tmp_path_factory.mktemp("samples")
     for word in WORDS:
         (samples / f"{word}.py").write_text(code_document(word), encoding="utf-8")
+    (samples / "story.txt").write_text(book_document(), encoding="utf-8")
+    models = [f"--checkpoint={name}={path}" for name, path in DEMO_CHECKPOINTS.items()]
     port = free_port()
     log = open(tmp_path_factory.mktemp("log") / "app.log", "w+")
     process = subprocess.Popen(
-        [sys.executable, str(REPO / "demo" / "app.py"), "--checkpoint", DEMO_CHECKPOINT, "--samples",
+        [sys.executable, str(REPO / "demo" / "app.py"), *models, "--samples",
          str(samples), "--port", str(port), "--segment-length", "128", "--cpu"],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"},
     )
@@ -74,11 +83,11 @@ def app_url(tmp_path_factory):
     log.close()
 
 
-def read_sample(page, url: str, word: str) -> None:
+def read_sample(page, url: str, name: str) -> None:
     page.goto(url)
     choice = page.locator("#sample-choice input")
     choice.click()
-    page.get_by_role("option", name=f"samples: {word}.py").click()
+    page.get_by_role("option", name=f"samples: {name}").click()
     page.locator("#memory-size input").first.wait_for()
     page.locator("#run-button").click()
 
@@ -90,9 +99,9 @@ def test_two_sessions_see_their_own_retrievals(app_url):
         try:
             pages = {word: browser.new_context(viewport={"width": 1280, "height": 1600}).new_page() for word in WORDS}
             for word, page in pages.items():  # both sessions read at the same time
-                read_sample(page, app_url, word)
+                read_sample(page, app_url, f"{word}.py")
             for word, page in pages.items():
-                expect(page.locator("#status")).to_contain_text("Read", timeout=180_000)
+                expect(page.locator("#status")).to_contain_text("with the code model", timeout=180_000)
                 document_text = page.locator("#document-view").inner_text()
                 assert f"{word}_helper_0" in document_text
                 # a token of the calls at the bottom: its query reads memory of the definitions above
@@ -124,5 +133,31 @@ def test_two_sessions_see_their_own_retrievals(app_url):
             page.locator("#pasted-text textarea").fill("   ")
             page.locator("#run-button").click()
             expect(page.locator("#status")).to_contain_text("the document is empty", timeout=30_000)
+        finally:
+            browser.close()
+
+
+def test_a_book_sample_is_read_with_the_books_model(app_url):
+    """A .txt sample switches the model to `books`; its names, mentioned in every
+    chapter, are retrieved from earlier chapters."""
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_context(viewport={"width": 1280, "height": 1600}).new_page()
+            read_sample(page, app_url, "story.txt")
+            expect(page.get_by_role("radio", name="books")).to_be_checked()
+            expect(page.locator("#status")).to_contain_text("with the books model", timeout=180_000)
+            tokens = page.locator("#document-view .tok")
+            texts = tokens.all_inner_texts()
+            # the last "Breck": its pieces were read in every chapter above
+            index = max(i for i, text in enumerate(texts) if text.strip() and "Breck".startswith(text.strip())
+                        and texts[i - 1].strip() and "Alan".endswith(texts[i - 1].strip()))
+            tokens.nth(index).click()
+            rows = page.locator("#retrieval-table [role=row]:has([role=gridcell])")
+            expect(rows.first).to_be_visible(timeout=30_000)
+            cells = [c.strip() for c in rows.first.locator("[role=gridcell]").all_inner_texts()]
+            assert int(cells[4]) > 0 and "Breck".startswith(cells[2].strip()), cells
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "demo_book.png"), full_page=True)
         finally:
             browser.close()
