@@ -215,12 +215,18 @@ class DemoApp:
             text = self.load_document(source, sample, pasted, upload)
             if not text.strip():
                 raise MemtrmUserError("the document is empty: paste some text, upload a .txt/.py file or pick a sample")
+            if source == "Sample" and len(text) > 40 * self.max_tokens:
+                text = text[: 40 * self.max_tokens]  # a long sample book is read in part (below)
             if len(text) > 40 * self.max_tokens:  # surely over the token limit: do not even encode it
                 raise MemtrmUserError(
                     f"the document has {len(text):,} characters, far over the limit of "
                     f"{self.max_tokens:,} tokens: cut it or upload a part of it"
                 )
             token_ids = demo_model.encode(text)
+            note = ""
+            if source == "Sample" and len(token_ids) > self.max_tokens:  # our own sample: read its beginning
+                note = f" (the sample's first {self.max_tokens:,} tokens: the demo's limit)"
+                token_ids = token_ids[: self.max_tokens]
             progress(0, desc="reading the document")
             report = build_report(
                 demo_model.model, token_ids,
@@ -237,7 +243,7 @@ class DemoApp:
         pages = (report.num_tokens - 1) // TOKENS_PER_PAGE + 1
         gain = report.memory_gain[1:]
         status = (
-            f"Read **{report.num_tokens:,} tokens** with the `{model_name}` model in {len(report.segment_starts)} "
+            f"Read **{report.num_tokens:,} tokens**{note} with the `{model_name}` model in {len(report.segment_starts)} "
             f"segments of {demo_model.segment_length} (memory {report.memory_size:,} tokens, k={report.knn_k}, "
             f"layer {report.layer}). Mean loss {np.nanmean(report.loss_with_memory):.3f} nats with memory, "
             f"{np.nanmean(report.loss_without_memory):.3f} without; memory helped "

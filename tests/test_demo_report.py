@@ -267,6 +267,13 @@ def test_app_shows_bad_input_as_a_message(tmp_path):
                                             progress=no_progress)
         assert status.startswith("**Error:**") and message in status, status
         assert "report" not in session
+    long_sample = tmp_path / "long.py"
+    long_sample.write_text("x = 1\n" * 100, encoding="utf-8")
+    app.samples = {"samples: long.py": str(long_sample)}  # a sample over the limit: its first 200 tokens
+    status, view, *_, session = app.run("code", "Sample", "samples: long.py", "", None, 1024, 8, {}, None,
+                                        progress=no_progress)
+    assert "Read **200 tokens** (the sample's first 200 tokens: the demo's limit)" in status
+    assert session["report"].num_tokens == 200
     text = "x = 1\n" * 20
     status, view, *_, session = app.run("code", "Paste", None, text, None, 1024, 8, {}, None, progress=no_progress)
     num_tokens = len(app.models["code"].encode(text))
