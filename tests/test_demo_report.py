@@ -282,34 +282,52 @@ def test_app_shows_bad_input_as_a_message(tmp_path):
     assert session["report"].num_tokens == num_tokens
 
 
-@pytest.mark.xfail(strict=True, reason="the committed model's layer-3 keys weigh the context around a name above "
-                   "the name (docs/demo.md, The demo model): its best retrievals at the call are other code with a "
-                   "similar context; a model that passes turns this into an XPASS, which fails until the marker "
-                   "is removed")
-def test_committed_demo_model_retrieves_a_function_defined_far_above_its_call():
-    """The issue's bar for the demo model: at a call of a function defined
-    ~9,000 tokens above (beyond the local window, so only the memory can see
-    it), the best-weighted retrieval of the name's tokens is the definition."""
-    demo = load_demo_model(DEMO_CHECKPOINT, cpu=True, segment_length=512)
-    name = "frobnicate_widget_counter"
+#: (function name, standard library module whose lines 20-420 separate definition and call, call line)
+FAR_CALLS = [
+    ("frobnicate_widget_counter", "textwrap.py", "result = {}(items, limit)"),
+    ("merge_sorted_batches", "heapq.py", "    merged = {}(left, right)"),
+    ("quote_shell_fragment", "shlex.py", "print({}(text))"),
+    ("parse_config_entry", "csv.py", "entry = {}(line, limit)"),
+]
+
+
+def far_call_retrievals(demo, name, module, call_line):
+    """A function defined at the top of a module and called ~7,500-8,500 tokens
+    below (beyond the local window, so only the memory can see it): for every
+    piece of the name at the call but the first (which the definition cannot
+    predict), whether the best-weighted retrieval comes from the definition."""
     definition = [f"def {name}(widgets, threshold):", "    total = 0", "    for widget in widgets:",
                   "        if widget.size > threshold:", "            total += widget.weight", "    return total"]
-    filler = Path(os.path.dirname(os.__file__), "textwrap.py").read_text(encoding="utf-8").splitlines()[20:420]
-    text = "\n".join(definition + filler + [f"result = {name}(items, limit)"])
-    token_ids = demo.encode(text)
+    filler = Path(os.path.dirname(os.__file__), module).read_text(encoding="utf-8").splitlines()[20:420]
+    token_ids = demo.encode("\n".join(definition + filler + [call_line.format(name)]))
     texts = demo.token_texts(token_ids)
     definition_end = len(demo.encode("\n".join(definition)))
     starts = np.cumsum([0] + [len(t) for t in texts[:-1]])
     call = "".join(texts).rfind(name)
     call_tokens = [i for i, s in enumerate(starts) if call <= s < call + len(name)]
-    assert len(token_ids) - definition_end > 4 * 512  # the definition is far outside the local window
+    assert len(token_ids) - definition_end > 4 * 512  # far outside the local window
     report = build_report(demo.model, token_ids, segment_length=512, memory_size=65536, knn_k=32, stream_id="t")
-    hits = 0
-    for index in call_tokens[1:]:  # the first piece of the name cannot be predicted from the definition
-        details = token_details(report, index, texts)
-        best = max(details.entries, key=lambda e: e.weight)
-        hits += best.position < definition_end
-    assert hits >= len(call_tokens[1:]) / 2, f"{hits} of {len(call_tokens) - 1} name tokens retrieved the definition"
+    from_definition = []
+    for index in call_tokens[1:]:
+        best = max(token_details(report, index, texts).entries, key=lambda e: e.weight)
+        from_definition.append(best.position < definition_end)
+    return from_definition
+
+
+def test_committed_code_model_retrieves_functions_defined_far_above_their_call():
+    """The issue's bar for code: at the call of a function defined ~8,400 tokens
+    above, the best-weighted retrieval of most of the name's pieces is the
+    definition (the code model: 5 of 8; the layer-3 model it replaced: 0). Names
+    made of words the module uses elsewhere (merge, sorted, shell, config) are
+    harder for a memory keyed at layer 0: each still gets at least one piece from
+    its definition, and over all four at least a third do (measured: 9 of 21)."""
+    demo = load_demo_model(DEMO_CHECKPOINT, cpu=True, segment_length=512)
+    results = {name: far_call_retrievals(demo, name, module, call) for name, module, call in FAR_CALLS}
+    frobnicate = results["frobnicate_widget_counter"]
+    assert sum(frobnicate) >= len(frobnicate) / 2, results
+    assert all(any(hits) for hits in results.values()), results
+    every = [hit for hits in results.values() for hit in hits]
+    assert sum(every) >= len(every) / 3, results
 
 
 BOOKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "books"
