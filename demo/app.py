@@ -354,7 +354,7 @@ class DemoApp:
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Gradio demo of the kNN memory's retrievals")
     parser.add_argument("--checkpoint", action="append", metavar="[NAME=]CKPT",
-                        help="a local memorizing_transformer_lm checkpoint, optionally named; repeat to serve "
+                        help="a local checkpoint of memorizing_transformer_lm or longmem_sidenet_lm, optionally named; repeat to serve "
                         "several (default: the committed demo models, code and books)")
     parser.add_argument("--data", default=None, help="directory with dict.txt and spm.model (default: "
                         "next to the checkpoint, then its data-bin); with one --checkpoint only")

@@ -27,6 +27,9 @@ DEMO_ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 #: into ``demo/assets/NAME/`` with its ``spm.model`` and ``dict.txt``.
 DEMO_CHECKPOINTS = {name: os.path.join(DEMO_ASSETS, name, "demo_model.pt") for name in ("code", "books")}
 DEMO_CHECKPOINT = DEMO_CHECKPOINTS["code"]
+#: The plugin's models with a kNN memory (arch names start with these); both expose the memory
+#: bank, its layers and the retrieval records that ``report.build_report`` reads.
+MEMORY_MODELS = ("memorizing_transformer_lm", "longmem_sidenet_lm")
 SPM_NAMES = ("spm.model", "sentencepiece.bpe.model", "spm.bpe.model")
 SPACE = "\u2581"  # SentencePiece's word-boundary mark
 
@@ -117,10 +120,10 @@ def load_demo_model(
         raise MemtrmUserError(f"no checkpoint file {checkpoint}; run `make demo-model` or pass --checkpoint CKPT")
     state = checkpoint_utils.load_checkpoint_to_cpu(checkpoint)
     cfg = state.get("cfg")
-    if cfg is None or "memorizing" not in str(cfg.model.get("_name", "")):
+    if cfg is None or not str(cfg.model.get("_name", "")).startswith(MEMORY_MODELS):
         raise MemtrmUserError(
-            f"{checkpoint} is not a memorizing_transformer_lm checkpoint; fine-tune one with "
-            "--arch memorizing_transformer_lm_* first"
+            f"{checkpoint} is not a checkpoint of this plugin's memory models ({', '.join(MEMORY_MODELS)}); "
+            "fine-tune one with --arch memorizing_transformer_lm_* (scripts/finetune_memory.sh) first"
         )
     data_dir, spm_model = _find_assets(checkpoint, cfg, data, spm_model)
     with_data = {"data": data_dir}

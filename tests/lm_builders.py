@@ -9,6 +9,7 @@ import torch
 from fairseq import options, tasks
 from fairseq.data import Dictionary
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN = str(REPO / "fairseq_memtrm")
@@ -47,6 +48,27 @@ def build_model(data_dir, arch, extra=(), seed=1):
     model = task.build_model(cfg.model)
     model.eval()
     return model, task
+
+
+def build(data_dir, arch, extra=(), seed=1):
+    """(cfg, task, model) as fairseq-train builds them (training mode; adam, lr 0.01)."""
+    args = options.parse_args_and_arch(
+        options.get_training_parser(),
+        [str(data_dir), "--user-dir", PLUGIN, "--task", "language_modeling", "--arch", arch,
+         "--tokens-per-sample", "64", "--cpu", "--optimizer", "adam", "--lr", "0.01", *extra],
+    )
+    cfg = convert_namespace_to_omegaconf(args)
+    task = tasks.setup_task(cfg.task)
+    torch.manual_seed(seed)
+    return cfg, task, task.build_model(cfg.model)
+
+
+def save_checkpoint(cfg, model, path):
+    """What fairseq's trainer writes, minus the optimizer state."""
+    torch.save({"cfg": OmegaConf.to_container(cfg), "model": model.state_dict(), "args": None,
+                "optimizer_history": [{"criterion_name": "CrossEntropyCriterion", "optimizer_name": "Adam",
+                                       "lr_scheduler_state": {}, "num_updates": 0}],
+                "extra_state": {}}, path)
 
 
 def random_tokens(task, bsz, seq_len, seed=0):

@@ -338,3 +338,37 @@ def test_checks_command_prints_both_checks(capsys):
     assert out.count("far call ") == len(FAR_CALLS) + 1 and "names     kidnapped.txt, first 3000 tokens" in out
     with pytest.raises(SystemExit, match="no such file"):
         checks_main(["--checkpoint", DEMO_CHECKPOINTS["books"], "--book", "missing.txt"])
+
+
+def test_a_longmem_checkpoint_reads_in_the_demo(tmp_path):
+    """Any memory checkpoint of this plugin serves: a LongMem SideNet (its memory
+    written by the frozen backbone, read by a side layer) gives a report whose
+    entries lie in earlier segments and whose no-memory loss is the SideNet's own."""
+    from lm_builders import TINY, build, save_checkpoint, write_dictionary
+
+    write_dictionary(tmp_path)
+    backbone_cfg, _, backbone = build(tmp_path, "transformer_lm", TINY + ["--decoder-layers", "4"])
+    save_checkpoint(backbone_cfg, backbone, tmp_path / "backbone.pt")
+    cfg, task, side = build(tmp_path, "longmem_sidenet_lm_tiny", [
+        "--backbone-checkpoint", str(tmp_path / "backbone.pt"), "--dropout", "0", "--memory-size", "256"])
+    save_checkpoint(cfg, side, tmp_path / "longmem.pt")
+    spm = os.path.join(os.path.dirname(DEMO_CHECKPOINT), "spm.model")  # loads; the test feeds token ids
+    demo = load_demo_model(str(tmp_path / "longmem.pt"), data=str(tmp_path), spm_model=spm, cpu=True,
+                           segment_length=32)
+    tokens = np.random.default_rng(0).integers(task.dictionary.nspecial, len(task.dictionary), size=130)
+    report = build_report(demo.model, tokens.tolist(), segment_length=32, memory_size=256, knn_k=4, stream_id="lm")
+    assert report.layer == demo.model.memory_layer_ids[0]
+    assert (report.entry_positions[:33] == -1).all() and (report.entry_positions[33:, 0] >= 0).all()
+    for index in (40, 70, 129):  # entries come from segments before the query's
+        entries = report.entry_positions[index][report.entry_positions[index] >= 0]
+        assert (entries < ((index - 1) // 32) * 32).all()
+    assert np.isfinite(report.loss_with_memory[1:]).all()
+    side.eval()
+    side.memory_bank = side.memory_bank.resized(0)  # the SideNet without memory, on a later segment
+    with torch.no_grad():
+        logits = side(torch.as_tensor(tokens[64:96]).unsqueeze(0), doc_start=torch.tensor([True]), stream_id="ref")[0]
+    expected = -F.log_softmax(logits.float(), -1)[0].gather(1, torch.as_tensor(tokens[65:97]).unsqueeze(1))
+    np.testing.assert_allclose(report.loss_without_memory[65:97], expected.squeeze(1).numpy(), atol=1e-4)
+    assert not np.allclose(report.loss_with_memory[65:97], report.loss_without_memory[65:97], atol=1e-4)
+    with pytest.raises(MemtrmUserError, match="not a checkpoint of this plugin's memory models"):
+        load_demo_model(str(tmp_path / "backbone.pt"), data=str(tmp_path), spm_model=spm)

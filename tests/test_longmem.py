@@ -13,42 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from fairseq import options, tasks
-from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
-from omegaconf import OmegaConf
 
 from fairseq_memtrm.errors import MemtrmUserError
 from fairseq_memtrm.memory import KNNMemory, MemoryBank
 from fairseq_memtrm.memory.chunked_memory import ChunkedKNNMemory
 from fairseq_memtrm.modules.knn_attention import KNNAugmentedAttention
 from fairseq_memtrm.modules.side_network import side_layer_spans
-from lm_builders import PLUGIN, TINY, random_tokens, write_dictionary
+from lm_builders import TINY, build, random_tokens, save_checkpoint, write_dictionary
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PRE_NORM = ["--decoder-normalize-before"]
-
-
-def build(data_dir, arch, extra=(), seed=1):
-    """(cfg, task, model) as fairseq-train builds them."""
-    args = options.parse_args_and_arch(
-        options.get_training_parser(),
-        [str(data_dir), "--user-dir", PLUGIN, "--task", "language_modeling", "--arch", arch,
-         "--tokens-per-sample", "64", "--cpu", "--optimizer", "adam", "--lr", "0.01", *extra],
-    )
-    cfg = convert_namespace_to_omegaconf(args)
-    task = tasks.setup_task(cfg.task)
-    torch.manual_seed(seed)
-    return cfg, task, task.build_model(cfg.model)
-
-
-def save_checkpoint(cfg, model, path):
-    """What fairseq's trainer writes, minus the optimizer state."""
-    torch.save({"cfg": OmegaConf.to_container(cfg), "model": model.state_dict(), "args": None,
-                "optimizer_history": [{"criterion_name": "CrossEntropyCriterion", "optimizer_name": "Adam",
-                                       "lr_scheduler_state": {}, "num_updates": 0}],
-                "extra_state": {}}, path)
 
 
 @pytest.fixture(scope="module")
