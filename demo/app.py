@@ -243,8 +243,9 @@ class DemoApp:
         pages = (report.num_tokens - 1) // TOKENS_PER_PAGE + 1
         gain = report.memory_gain[1:]
         status = (
-            f"Read **{report.num_tokens:,} tokens**{note} with the `{model_name}` model in {len(report.segment_starts)} "
-            f"segments of {demo_model.segment_length} (memory {report.memory_size:,} tokens, k={report.knn_k}, "
+            f"Read **{report.num_tokens:,} tokens**{note} with the `{model_name}` model in "
+            f"{len(report.segment_starts)} segments of {demo_model.segment_length} "
+            f"(memory {report.memory_size:,} tokens, k={report.knn_k}, "
             f"layer {report.layer}). Mean loss {np.nanmean(report.loss_with_memory):.3f} nats with memory, "
             f"{np.nanmean(report.loss_without_memory):.3f} without; memory helped "
             f"{np.mean(gain > 0):.0%} of tokens. Click a token to see its retrievals."
@@ -354,8 +355,8 @@ class DemoApp:
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Gradio demo of the kNN memory's retrievals")
     parser.add_argument("--checkpoint", action="append", metavar="[NAME=]CKPT",
-                        help="a local checkpoint of memorizing_transformer_lm or longmem_sidenet_lm, optionally named; repeat to serve "
-                        "several (default: the committed demo models, code and books)")
+                        help="a local checkpoint of memorizing_transformer_lm or longmem_sidenet_lm, optionally "
+                        "named; repeat to serve several (default: the committed demo models, code and books)")
     parser.add_argument("--data", default=None, help="directory with dict.txt and spm.model (default: "
                         "next to the checkpoint, then its data-bin); with one --checkpoint only")
     parser.add_argument("--spm-model", default=None, help="SentencePiece model (default: DATA/spm.model); "

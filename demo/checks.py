@@ -113,7 +113,8 @@ def name_recall(demo: DemoModel, text: str, num_tokens: int = 12000, min_distanc
 
 def main(argv: Optional[List[str]] = None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a local memorizing_transformer_lm or longmem_sidenet_lm checkpoint")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a local memorizing_transformer_lm or longmem_sidenet_lm checkpoint")
     parser.add_argument("--data", default=None, help="directory with dict.txt and spm.model (default: "
                         "next to the checkpoint, then its data-bin)")
     parser.add_argument("--book", default=None, help="a novel (.txt) for the names check; without it, code only")
