@@ -8,17 +8,18 @@ through the model segment by segment; every token is coloured by how much the
 memory helped it (loss without memory minus loss with memory). Clicking a
 token lists what the memory returned for it. Several models can be served at
 once (by default the committed ``code`` and ``books`` demo models); a sample
-picks the model of its kind, and the user can switch. Every run gets memory banks of its
-own (see ``report.build_report``), so sessions never see each other's text.
+picks the model of its kind, and the user can switch. Every run gets memory
+banks of its own (see ``report.build_report``), so sessions never see each
+other's text.
 """
 
 import argparse
 import html
 import logging
 import os
+import re
 import sys
 import threading
-import re
 import uuid
 from typing import Dict, List, Optional
 

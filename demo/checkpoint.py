@@ -84,7 +84,9 @@ class DemoModel:
 def _find_assets(checkpoint: str, cfg, data: Optional[str], spm_model: Optional[str]):
     """The directory holding dict.txt and the SentencePiece model."""
     candidates = [data] if data else [os.path.dirname(os.path.abspath(checkpoint)), cfg.task.data]
-    data_dir = next((d for d in candidates if d and os.path.isfile(os.path.join(d, "dict.txt"))), None)
+    complete = lambda d: spm_model is not None or any(os.path.isfile(os.path.join(d, n)) for n in SPM_NAMES)
+    with_dict = [d for d in candidates if d and os.path.isfile(os.path.join(d, "dict.txt"))]
+    data_dir = next((d for d in with_dict if complete(d)), with_dict[0] if with_dict else None)
     if data_dir is None:
         raise MemtrmUserError(
             f"no dict.txt next to {checkpoint} nor in its data-bin {cfg.task.data!r}; "

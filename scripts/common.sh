@@ -47,3 +47,30 @@ PY
         exit 0
     fi
 }
+
+# A checkpoint folder keeps the vocabulary it was trained with: dict.txt and spm.model
+# are copied from DATA_BIN at its first run (so that the folder is self-contained for
+# the demo and eval), and must equal DATA_BIN's whenever it is resumed or fine-tuned
+# from. A data-bin rebuilt with a new SentencePiece model has other token ids under
+# the same vocabulary size: training on would be silent garbage.
+#   same_vocabulary CHECKPOINT_DIR DATA_BIN           (exit 2 on a mismatch)
+#   keep_vocabulary SAVE_DIR DATA_BIN                 (check, then copy)
+same_vocabulary() {
+    local name
+    for name in dict.txt spm.model; do
+        if [ -f "$1/$name" ] && [ -f "$2/$name" ] && ! cmp -s "$1/$name" "$2/$name"; then
+            echo "$(basename "$0"): the checkpoint folder $1 was trained with another $name than $2/$name (the data-bin" \
+                 "was rebuilt with a new vocabulary); use the data-bin it was trained on, or rebuild" \
+                 "$2 with prepare_data.py --spm-model $1/spm.model --dict $1/dict.txt" >&2
+            exit 2
+        fi
+    done
+}
+keep_vocabulary() {
+    same_vocabulary "$1" "$2"
+    mkdir -p "$1"
+    local name
+    for name in dict.txt spm.model; do
+        if [ -f "$2/$name" ] && [ ! -f "$1/$name" ]; then cp "$2/$name" "$1/$name"; fi
+    done
+}

@@ -91,7 +91,19 @@ def build(args, recipe) -> str:
 
 def export(checkpoint: str, data_bin: str, assets: str) -> str:
     """fp16 weights, no optimizer state, plus spm.model and dict.txt."""
+    import filecmp
+
     import torch
+
+    trained_with = os.path.dirname(os.path.abspath(checkpoint))  # the training scripts keep a copy there
+    for name in ("spm.model", "dict.txt"):
+        kept = os.path.join(trained_with, name)
+        if os.path.isfile(kept) and not filecmp.cmp(kept, os.path.join(data_bin, name), shallow=False):
+            raise SystemExit(
+                f"make_demo_model: {checkpoint} was trained with another {name} than {data_bin}/{name} "
+                f"(the data-bin was rebuilt with a new vocabulary); export with --data-bin {trained_with}, "
+                "or retrain with --force"
+            )
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     state["model"] = {k: v.half() if v.is_floating_point() else v for k, v in state["model"].items()}

@@ -200,22 +200,36 @@ def encode_split(processor, split: str, files: List[str], out_path: str, args) -
 
 
 # ------------------------------------------------------------- idempotence
-def fingerprint(files: Dict[str, List[str]], args) -> str:
-    """Hash of every input (path, size, mtime) and every option that changes the output."""
+def fingerprint(files: Dict[str, List[str]], args, signature=None) -> str:
+    """Hash of every input (path, size and content) and every option that changes the output.
+
+    Content, not modification time: a data folder copied or synced anew with the same
+    books must not trigger a rebuild, since a retrained SentencePiece model is not the
+    same model, and checkpoints trained on the old one would no longer match."""
+    signature = signature or file_signature
     digest = hashlib.sha256()
     options = {k: getattr(args, k) for k in (
         "vocab_size", "character_coverage", "max_chars_per_doc", "spm_sample_lines", "seed")}
     for name in ("spm_model", "dict"):
         path = getattr(args, name)
-        options[name] = file_signature(path) if path else None
+        options[name] = signature(path) if path else None
     digest.update(json.dumps(options, sort_keys=True).encode())
     for split in sorted(files):
         for path in files[split]:
-            digest.update(json.dumps([split, file_signature(path)]).encode())
+            digest.update(json.dumps([split, signature(path)]).encode())
     return digest.hexdigest()
 
 
 def file_signature(path: str):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return [os.path.abspath(path), os.path.getsize(path), digest.hexdigest()]
+
+
+def legacy_file_signature(path: str):
+    """The first manifests' signature (path, size, mtime): still read, so that their data-bins stay valid."""
     status = os.stat(path)
     return [os.path.abspath(path), status.st_size, status.st_mtime_ns]
 
@@ -268,12 +282,22 @@ def prepare(args) -> str:
     if not args.force and os.path.isfile(manifest_path) and outputs_present(dest, files):
         with open(manifest_path) as handle:
             manifest = json.load(handle)
-        if manifest.get("fingerprint") == key:
+        stored = manifest.get("fingerprint")
+        if stored in (key, fingerprint(files, args, legacy_file_signature)):
+            if stored != key:  # a first-format manifest: keep it valid when the files' times change
+                with open(manifest_path, "w") as handle:
+                    json.dump({**manifest, "fingerprint": key}, handle, indent=2)
             logger.info("%s is up to date (same inputs and options); --force rebuilds it", dest)
             report(manifest["stats"])
             return dest
     if "train" not in files and not args.spm_model:
         raise MemtrmUserError("without a train split, pass --spm-model (and --dict) to encode with")
+    if os.path.isfile(os.path.join(dest, "spm.model")) and not args.spm_model:
+        logger.warning(
+            "rebuilding %s with a newly trained SentencePiece model: checkpoints trained on its old "
+            "spm.model/dict.txt will not match it (to keep them, rebuild with --spm-model and --dict "
+            "from a copy of the old ones)", dest,
+        )
     os.makedirs(dest, exist_ok=True)
     if os.path.exists(manifest_path):
         os.unlink(manifest_path)  # a crash below must not leave a stale "up to date"

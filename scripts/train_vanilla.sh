@@ -20,6 +20,7 @@ else
     TASK=(--user-dir fairseq_memtrm --task repeat_lm --repeat-prob "$REPEAT_PROB")
 fi
 MAX=${MAX_UPDATE:-1500}
+keep_vocabulary "$SAVE" "$DATA"
 stop_if_trained "$SAVE" "$MAX"
 exec "$BIN/fairseq-train" "$DATA" "${TASK[@]}" --sample-break-mode none \
     --arch transformer_lm "${SHAPE[@]}" --dropout 0.1 \

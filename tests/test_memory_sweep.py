@@ -42,6 +42,32 @@ def chain(tmp_path_factory):
     return work, out
 
 
+def test_checkpoint_folders_keep_their_vocabulary_and_refuse_another(chain, tmp_path):
+    """A data-bin rebuilt with a new SentencePiece model has other ids under the same
+    vocabulary size: resuming or fine-tuning on it is refused in one sentence."""
+    import filecmp
+    import shutil
+
+    work, _ = chain
+    for folder in ("vanilla", "memory", "control"):
+        for name in ("dict.txt", "spm.model"):
+            assert filecmp.cmp(work / folder / name, work / "code" / name, shallow=False)
+    rebuilt = tmp_path / "rebuilt"
+    shutil.copytree(work / "code", rebuilt)
+    lines = (rebuilt / "dict.txt").read_text().splitlines()
+    lines[0], lines[1] = lines[1], lines[0]  # the same symbols, two ids swapped
+    (rebuilt / "dict.txt").write_text("\n".join(lines) + "\n")
+    vanilla = work / "vanilla" / "checkpoint_last.pt"
+    for command in (["scripts/train_vanilla.sh", rebuilt, work / "vanilla"],
+                    ["scripts/finetune_memory.sh", rebuilt, vanilla, tmp_path / "new"],
+                    ["scripts/finetune_longmem.sh", rebuilt, vanilla, tmp_path / "side"]):
+        result = run_command("bash", *command, env=ENV, check=False)
+        assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+        assert "was trained with another dict.txt" in result.stderr and "--spm-model" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "new").exists()
+
+
 def test_sweep_report_has_every_run_with_finite_numbers(chain):
     work, _ = chain
     report = json.loads((work / "results" / "memory_sweep.json").read_text())

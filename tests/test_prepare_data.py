@@ -91,6 +91,25 @@ def test_prepare_round_trip_bad_inputs_and_idempotence(corpus, tmp_path, capsys)
     assert "up to date" in capsys.readouterr().out
     assert (data_bin / "train.bin").stat().st_mtime_ns == stamp
 
+    # Files copied or synced anew (new times, same bytes) keep it up to date: a rebuild would
+    # train another SentencePiece model, and checkpoints on the old one would no longer match.
+    for path in (corpus / "train").iterdir():
+        os.utime(path, ns=(stamp + 10**9, stamp + 10**9))
+    assert run_prepare(*options) == data_bin
+    assert "up to date" in capsys.readouterr().out
+    assert (data_bin / "train.bin").stat().st_mtime_ns == stamp
+    # a first-format manifest (path, size, time) is still valid, and is upgraded to content hashes
+    args = prepare_data.build_parser().parse_args([*map(str, options), "--quiet"])
+    args.splits = ["train", "valid", "test"]
+    files = prepare_data.split_files(args)
+    manifest = json.loads((data_bin / prepare_data.MANIFEST).read_text())
+    legacy = prepare_data.fingerprint(files, args, prepare_data.legacy_file_signature)
+    (data_bin / prepare_data.MANIFEST).write_text(json.dumps({**manifest, "fingerprint": legacy}))
+    assert run_prepare(*options) == data_bin and "up to date" in capsys.readouterr().out
+    upgraded = json.loads((data_bin / prepare_data.MANIFEST).read_text())["fingerprint"]
+    assert upgraded == prepare_data.fingerprint(files, args) != legacy
+    assert (data_bin / "train.bin").stat().st_mtime_ns == stamp
+
     # Reusing the SentencePiece model reproduces the dictionary and the binarized split.
     reused = run_prepare("--source-dir", corpus, "--name", "reused", "--dest-dir", tmp_path, "--splits", "valid",
                          "--spm-model", data_bin / "spm.model")
