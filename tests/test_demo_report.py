@@ -234,6 +234,24 @@ def test_checkpoint_arguments_and_the_model_a_sample_gets(tmp_path):
     assert DemoApp({"mine": None}, samples).model_for_sample("samples: kidnapped.txt", "mine") == "mine"
 
 
+def test_a_checkpoint_folders_own_tokenizer_comes_first(tmp_path):
+    from omegaconf import OmegaConf
+
+    from demo.checkpoint import _find_assets
+
+    folder, data_bin = tmp_path / "ckpt", tmp_path / "data-bin"
+    for directory in (folder, data_bin):
+        directory.mkdir()
+        (directory / "dict.txt").write_text("a 1\n")
+    (data_bin / "spm.model").write_bytes(b"x")
+    cfg = OmegaConf.create({"task": {"data": str(data_bin)}})
+    checkpoint = str(folder / "checkpoint_last.pt")
+    # a folder with dict.txt but no SentencePiece model: both from the data-bin
+    assert _find_assets(checkpoint, cfg, None, None) == (str(data_bin), str(data_bin / "spm.model"))
+    (folder / "spm.model").write_bytes(b"x")  # kept by the training scripts: the folder's own
+    assert _find_assets(checkpoint, cfg, None, None) == (str(folder), str(folder / "spm.model"))
+
+
 def test_committed_demo_model_loads_encodes_and_reads():
     """The code demo model's text round-trips through encode/token_texts as
     prepare_data.py normalises it; a short document reads with and without memory."""
