@@ -15,12 +15,11 @@ reused when its output exists (``--force`` redoes the training):
    repeated spans mixed in, ``--task repeat_lm``, so that it learns to copy from
    its context, which is what the memory extends);
 3. ``scripts/finetune_memory.sh``: ``memorizing_transformer_lm`` from it, with a
-   65K memory over whole documents (``--task document_lm``). code: the memory at
-   layer 0 (``--memory-layers 0``), whose keys are close to the token itself, so
-   that the pieces of a name find the name's definition thousands of tokens up
-   (the layer-3 memory, which gains a little more perplexity, matches on context
-   instead: docs/demo.md); books: at layer 3, the default, which retrieves names
-   better than layer 0 there;
+   65K memory over whole documents (``--task document_lm``). code: memory at
+   layers 0 and 3 (``--memory-layers 0,3``): layer 0's keys are close to the token
+   itself, so that the pieces of a name find the name's definition thousands of
+   tokens up (the demo shows layer 0), and layer 3 adds perplexity (docs/demo.md);
+   books: at layer 3, the default, which retrieves names better than layer 0 there;
 4. export: fp16 weights without optimizer state, with ``spm.model`` and
    ``dict.txt``, to ``demo/assets/CORPUS/`` (<= 25 MB).
 
@@ -47,7 +46,7 @@ COPYING_MEMORY = ["--memory-query", "key", "--memory-shift-keys"]
 #: corpus -> data-bin name, vanilla updates and copying curriculum, fine-tune updates and options
 RECIPES = {
     "code": dict(data_bin="pycode", vanilla_updates=3000, repeat_prob="0.5", finetune_updates=1000,
-                 step="memory-keyq-l0", finetune_args=COPYING_MEMORY + ["--memory-layers", "0"]),
+                 step="memory-keyq-l03", finetune_args=COPYING_MEMORY + ["--memory-layers", "0,3"]),
     "books": dict(data_bin="books", vanilla_updates=700, repeat_prob="0", finetune_updates=200,
                   step="memory-keyq", finetune_args=COPYING_MEMORY),
 }
