@@ -74,3 +74,14 @@ keep_vocabulary() {
         if [ -f "$2/$name" ] && [ ! -f "$1/$name" ]; then cp "$2/$name" "$1/$name"; fi
     done
 }
+
+# The start shared by finetune_memory.sh and finetune_longmem.sh: the options, the
+# vocabulary of the checkpoint fine-tuned from and of SAVE_DIR, and nothing to do
+# when SAVE_DIR is already trained.
+#   start_finetune DATA_BIN FROM_CKPT SAVE_DIR
+start_finetune() {
+    finetune_options "$3"
+    same_vocabulary "$(dirname "$2")" "$1"
+    keep_vocabulary "$3" "$1"
+    stop_if_trained "$3" "$FINETUNE_MAX_UPDATE"
+}

@@ -14,10 +14,7 @@ VANILLA=${2:?usage: finetune_memory.sh DATA_BIN VANILLA_CKPT SAVE_DIR [fairseq a
 SAVE=${3:?usage: finetune_memory.sh DATA_BIN VANILLA_CKPT SAVE_DIR [fairseq args]}
 shift 3
 [ -f "$VANILLA" ] || { echo "finetune_memory.sh: no checkpoint $VANILLA; run scripts/train_vanilla.sh first" >&2; exit 2; }
-finetune_options "$SAVE"
-same_vocabulary "$(dirname "$VANILLA")" "$DATA"
-keep_vocabulary "$SAVE" "$DATA"
-stop_if_trained "$SAVE" "$FINETUNE_MAX_UPDATE"
+start_finetune "$DATA" "$VANILLA" "$SAVE"
 exec "$BIN/fairseq-train" "$DATA" --user-dir fairseq_memtrm --task document_lm \
     --arch memorizing_transformer_lm "${SHAPE[@]}" --dropout 0.1 \
     --memory-size "${MEMORY_SIZE:-65536}" --knn-k "${KNN_K:-32}" \
