@@ -283,7 +283,7 @@ def prepare(args) -> str:
         with open(manifest_path) as handle:
             manifest = json.load(handle)
         stored = manifest.get("fingerprint")
-        if stored in (key, fingerprint(files, args, legacy_file_signature)):
+        if stored == key or stored == fingerprint(files, args, legacy_file_signature):
             if stored != key:  # a first-format manifest: keep it valid when the files' times change
                 with open(manifest_path, "w") as handle:
                     json.dump({**manifest, "fingerprint": key}, handle, indent=2)

@@ -347,9 +347,8 @@ def test_committed_books_model_retrieves_names_seen_thousands_of_tokens_earlier(
     assert len(copied_from) >= 15 and (copied_from >= 2000).sum() >= 10, sorted(copied_from)
 
 
+@pytest.mark.skipif(not (BOOKS / "test" / "kidnapped.txt").is_file(), reason=f"no books at {BOOKS}")
 def test_checks_command_prints_both_checks(capsys):
-    if not (BOOKS / "test" / "kidnapped.txt").is_file():
-        pytest.skip(f"no books at {BOOKS}")
     checks_main(["--checkpoint", DEMO_CHECKPOINTS["books"], "--book", str(BOOKS / "test" / "kidnapped.txt"),
                  "--book-tokens", "3000"])
     out = capsys.readouterr().out
