@@ -18,7 +18,7 @@ def pair(gate_init=0.0, knn_k=3, memory_query="query"):
     knn = KNNAugmentedAttention(E, H, knn_k=knn_k, memory_gate_init=gate_init, memory_query=memory_query)
     knn.load_state_dict({**plain.state_dict(), "memory_gate": knn.memory_gate.data,
                          "memory_log_scale": knn.memory_log_scale.data,
-                         "memory_param_gain": knn.memory_param_gain})
+                         "memory_param_gain": knn.memory_param_gain, "memory_position_free": knn.memory_position_free})
     return plain.eval(), knn.eval()
 
 
@@ -138,3 +138,27 @@ def test_memory_scalars_move_gain_times_faster_and_old_checkpoints_keep_their_va
     torch.testing.assert_close(fast.gate_logits(), slow.gate_logits())
     torch.testing.assert_close(fast.memory_scale(), slow.memory_scale())
     assert float(fast.memory_param_gain) == 50.0
+
+
+@pytest.mark.parametrize("memory_query", ["query", "key"])
+def test_position_free_keys_come_from_the_memory_input(memory_query):
+    """With position_free_keys, what is written and what queries the memory are the
+    projections of ``memory_input``; local attention still reads the layer's input."""
+    _, knn = pair(gate_init=1.0, memory_query=memory_query)
+    knn.memory_position_free.fill_(True)
+    x, x_free = torch.randn(T, B, E), torch.randn(T, B, E)
+    knn.memory = KNNMemory(B, H, D, memory_size=32)
+    knn.memory_input = x_free
+    knn.record_retrievals = True
+    knn(x, x, x, attn_mask=causal_mask(T), need_weights=False)  # empty memory: writes only
+    keys = F.normalize(split_heads(knn.k_proj(x_free)), dim=-1)
+    torch.testing.assert_close(knn.memory.keys[:, :, :T], keys)
+    knn(x, x, x, attn_mask=causal_mask(T), need_weights=False)  # the same segment again
+    record = knn.last_record.retrieval
+    project = knn.k_proj if memory_query == "key" else knn.q_proj
+    queries = F.normalize(split_heads(project(x_free)), dim=-1)
+    expected = torch.einsum("bhtd,bhsd->bhts", queries, keys).topk(3, dim=-1)
+    torch.testing.assert_close(record.scores, expected.values)
+    knn.memory_input = None
+    with pytest.raises(RuntimeError, match="memory_input"):
+        knn(x, x, x, attn_mask=causal_mask(T), need_weights=False)

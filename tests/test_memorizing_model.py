@@ -152,3 +152,62 @@ def test_planted_repeat_is_retrieved_far_beyond_the_local_window(data_dir, shift
     torch.testing.assert_close(found.scores[0, :, 10:18, 0], torch.ones(4, 8))  # the very same key
     margin = found.scores[0, :, 10:18, 0] - found.scores[0, :, 10:18, 1]
     assert margin.min() > 0.01 and margin.mean() > 0.05
+
+
+def top_retrieved_tokens(model, document, seg_len):
+    """{document position: (H,) token id of each head's best memory entry}, for every
+    token of a (1, N) document read in segments of ``seg_len`` (layer 0's memory)."""
+    starts = range(0, document.size(1), seg_len)
+    segments = [document[:, start : start + seg_len] for start in starts]
+    records = run_segments(model, segments, [[start == 0] for start in starts])
+    tops = {}
+    for start, record in zip(starts, records):
+        if record is None:
+            continue
+        best = record.retrieval.scores[0].argmax(dim=-1, keepdim=True)  # (H, T, 1)
+        positions = record.retrieval.positions[0].gather(-1, best).squeeze(-1)  # (H, T)
+        for t in range(positions.size(1)):
+            tops[start + t] = document[0, positions[:, t]]
+    return tops
+
+
+@pytest.mark.parametrize("memory_query", ["query", "key"])
+def test_layer0_retrieval_does_not_depend_on_the_place_in_the_segment(data_dir, memory_query):
+    """Prepending 5 tokens moves every token to another place in its segment. Layer 0's
+    memory keys and queries come from the token embeddings alone, so each token's best
+    retrieval is the same token as before; with the positional embedding left in
+    (--memory-keys-with-positions) the place decides many of them."""
+    g = torch.Generator().manual_seed(3)
+    vocab = torch.arange(4, 12)  # 8 words: every one is in memory after the first segment
+    document = vocab[torch.randint(len(vocab), (1, 96), generator=g)]
+    document[0, :8] = vocab
+    shifted = torch.cat([vocab[torch.randint(len(vocab), (1, 5), generator=g)], document], dim=1)
+    changed = {}
+    for with_positions in (False, True):
+        flags = ["--memory-layers", "0", "--knn-k", "4", "--memory-query", memory_query]
+        model, _ = build_model(data_dir, "memorizing_transformer_lm",
+                               TINY + flags + (["--memory-keys-with-positions"] if with_positions else []))
+        assert bool(model.decoder.layers[0].self_attn.memory_position_free) == (not with_positions)
+        before = top_retrieved_tokens(model, document, 16)
+        after = top_retrieved_tokens(model, shifted, 16)
+        common = [p for p in before if p + 5 in after]
+        assert len(common) >= 70
+        changed[with_positions] = sum(not torch.equal(before[p], after[p + 5]) for p in common) / len(common)
+        if memory_query == "key" and not with_positions:  # a token's own key is the best match: itself
+            assert all(torch.equal(before[p], document[0, p].repeat(4)) for p in common)
+    assert changed[False] == 0.0
+    assert changed[True] > 0.2
+
+
+def test_position_free_keys_follow_the_checkpoint(data_dir):
+    """A vanilla checkpoint gets the configured keys; a memory checkpoint saved before
+    the option existed keeps the positional keys it was trained with."""
+    vanilla, _ = build_model(data_dir, "transformer_lm", TINY)
+    model, _ = build_model(data_dir, "memorizing_transformer_lm", TINY + ["--memory-layers", "0,2"])
+    attentions = model.memory_attentions()
+    assert [bool(a.memory_position_free) for a in attentions] == [True, False]  # exact at layer 0 only
+    model.load_state_dict(vanilla.state_dict())
+    assert [bool(a.memory_position_free) for a in attentions] == [True, False]
+    old = {k: v for k, v in model.state_dict().items() if not k.endswith("memory_position_free")}
+    model.load_state_dict(old)
+    assert [bool(a.memory_position_free) for a in attentions] == [False, False]

@@ -88,6 +88,13 @@ class MemorizingTransformerLMConfig(TransformerLanguageModelConfig):
                           "own): a query matching a past token reads what followed it, the copying step "
                           "a small model has not learned (README, Results); off = the paper's memory"},
     )
+    memory_keys_with_positions: bool = field(
+        default=False,
+        metadata={"help": "layer 0 computes its memory keys and queries from its input as it is, positional "
+                          "embedding included (off: from the token embeddings alone, so that a retrieval does "
+                          "not depend on where a token stood in its segment); deeper layers always use their "
+                          "input as it is"},
+    )
     memory_backend: str = field(
         default="exact",
         metadata={"help": "top-k search backend: exact (blocked matmul), faiss-flat, faiss-ivf, faiss-hnsw; "
@@ -112,7 +119,7 @@ def parse_memory_layers(spec: str, num_layers: int) -> List[int]:
 
 def build_memorizing_layer(cfg: TransformerConfig, knn_k: int, memory_gate_init: float,
                            memory_scale_init: float = 20.0, memory_param_gain: float = DEFAULT_MEMORY_PARAM_GAIN,
-                           memory_query: str = "query"):
+                           memory_query: str = "query", position_free_keys: bool = False):
     """A stock decoder layer whose self-attention is kNN-augmented."""
     layer = TransformerDecoderLayerBase(cfg, no_encoder_attn=True)
     layer.self_attn = KNNAugmentedAttention(
@@ -123,6 +130,7 @@ def build_memorizing_layer(cfg: TransformerConfig, knn_k: int, memory_gate_init:
         memory_scale_init=memory_scale_init,
         memory_param_gain=memory_param_gain,
         memory_query=memory_query,
+        position_free_keys=position_free_keys,
         dropout=cfg.attention_dropout,
         q_noise=layer.quant_noise,
         qn_block_size=layer.quant_noise_block_size,
@@ -152,7 +160,7 @@ class MemorizingTransformerLanguageModel(TransformerLanguageModel):
         for index in self.memory_layer_ids:
             decoder.layers[index] = build_memorizing_layer(
                 decoder.cfg, args.knn_k, args.memory_gate_init, args.memory_scale_init, args.memory_param_gain,
-                args.memory_query,
+                args.memory_query, position_free_keys=index == 0 and not args.memory_keys_with_positions,
             )
         self.memory_bank = MemoryBank(
             {i: (decoder.layers[i].self_attn.num_heads, decoder.layers[i].self_attn.head_dim)
@@ -180,12 +188,27 @@ class MemorizingTransformerLanguageModel(TransformerLanguageModel):
         for index, attention in zip(self.memory_layer_ids, self.memory_attentions()):
             attention.memory = memories[index]
             attention.token_mask = token_mask
+            if bool(attention.memory_position_free):
+                attention.memory_input = self.input_without_positions(src_tokens, self.decoder.layers[index])
         try:
             return self.decoder(src_tokens, **kwargs)
         finally:
             for attention in self.memory_attentions():
                 attention.memory = None
                 attention.token_mask = None
+                attention.memory_input = None
+
+    def input_without_positions(self, src_tokens: Tensor, layer) -> Tensor:
+        """(T, B, C) what the first layer's attention reads, computed as the stock decoder
+        computes it but without the positional embedding (see ``KNNAugmentedAttention``)."""
+        decoder = self.decoder
+        x = decoder.embed_scale * decoder.embed_tokens(src_tokens)
+        if decoder.project_in_dim is not None:
+            x = decoder.project_in_dim(x)
+        if decoder.layernorm_embedding is not None:
+            x = decoder.layernorm_embedding(x)
+        x = decoder.dropout_module(x).transpose(0, 1)
+        return layer.self_attn_layer_norm(x) if layer.normalize_before else x
 
     def set_record_retrievals(self, record: bool) -> None:
         for attention in self.memory_attentions():
@@ -254,6 +277,7 @@ def memorizing_defaults(args):
     args.memory_scale_init = getattr(args, "memory_scale_init", 20.0)
     args.memory_query = getattr(args, "memory_query", "query")
     args.memory_shift_keys = getattr(args, "memory_shift_keys", False)
+    args.memory_keys_with_positions = getattr(args, "memory_keys_with_positions", False)
     memory_defaults(args)
 
 

@@ -26,6 +26,17 @@ therefore stored divided by ``memory_param_gain`` (a buffer saved with the
 checkpoint) and move that many times faster; ``gate_logits()`` and
 ``memory_scale()`` give their effective values.
 
+Memory keys carry no position. A ``transformer_lm`` adds its (sinusoidal)
+positional embedding to the token embeddings, so the input of the first layer
+is ``token + position(t)``, ``t`` the place in the segment: keys computed from it
+match tokens that stood at the same place in their segments (segment length
+apart) as well as tokens that are the same. A layer built with
+``position_free_keys`` therefore computes its memory keys (and memory queries)
+from ``memory_input``, the same input without the positional embedding, bound by
+the model for the forward pass; local attention and the values are unchanged.
+This is exact for layer 0, whose input is the embedding sum; a deeper layer's
+input mixes position into content, and there the option does not apply.
+
 Per segment the order is: (the model resets streams at ``doc_start``) then
 retrieve with this segment's queries, then add this segment's keys/values, so
 a token never retrieves its own segment. Stored entries are detached: the
@@ -44,7 +55,7 @@ from torch import Tensor, nn
 from fairseq_memtrm.memory import KNNMemory, Retrieval
 
 MEMORY_PARAMETERS = ("memory_gate", "memory_log_scale")
-MEMORY_STATE = MEMORY_PARAMETERS + ("memory_param_gain",)  # what a vanilla layer lacks
+MEMORY_STATE = MEMORY_PARAMETERS + ("memory_param_gain", "memory_position_free")  # what a vanilla layer lacks
 DEFAULT_MEMORY_PARAM_GAIN = 50.0
 MEMORY_QUERIES = ("query", "key")  # which projection of a token queries the memory
 
@@ -61,7 +72,7 @@ class RetrievalRecord:
 class KNNAugmentedAttention(MultiheadAttention):
     def __init__(self, embed_dim: int, num_heads: int, knn_k: int = 32, memory_gate_init: float = 0.0,
                  memory_scale_init: float = 20.0, memory_param_gain: float = DEFAULT_MEMORY_PARAM_GAIN,
-                 memory_query: str = "query", **kwargs):
+                 memory_query: str = "query", position_free_keys: bool = False, **kwargs):
         super().__init__(embed_dim, num_heads, self_attention=True, **kwargs)
         if not memory_param_gain > 0:
             raise ValueError(f"memory_param_gain must be positive, got {memory_param_gain}")
@@ -70,6 +81,8 @@ class KNNAugmentedAttention(MultiheadAttention):
         self.knn_k = knn_k
         self.memory_query = memory_query
         self.register_buffer("memory_param_gain", torch.tensor(float(memory_param_gain)))
+        # Saved with the checkpoint: a model keeps the keys it was trained with.
+        self.register_buffer("memory_position_free", torch.tensor(bool(position_free_keys)))
         self.memory_gate = nn.Parameter(torch.full((num_heads,), float(memory_gate_init) / memory_param_gain))
         # Normalised q.k lies in [-1, 1]: the softmax over the k hits needs a high
         # temperature to single out the best match (at sqrt(head_dim) ~ 6 a fine-tune
@@ -80,6 +93,7 @@ class KNNAugmentedAttention(MultiheadAttention):
         # Bound by the model for one forward pass; None = behave as plain attention.
         self.memory: Optional[KNNMemory] = None
         self.token_mask: Optional[Tensor] = None  # (B, T) True for tokens to write
+        self.memory_input: Optional[Tensor] = None  # (T, B, C) the input without positions
         # False: the layer only reads the memory and another network writes it
         # (LongMem: the frozen backbone's keys, see models/longmem_sidenet_lm.py).
         self.write_memory = True
@@ -97,6 +111,23 @@ class KNNAugmentedAttention(MultiheadAttention):
     def memory_scale(self) -> Tensor:
         """(H,) the temperature of the memory softmax over cosine similarities."""
         return (self.memory_log_scale * self.memory_param_gain).exp()
+
+    def memory_projections(self, query: Tensor, q: Optional[Tensor] = None, k: Optional[Tensor] = None):
+        """Unit-norm memory (queries, keys), (B, H, T, D) each: from ``memory_input``
+        when this layer's keys are position-free, else the local ``q`` and ``k`` of
+        ``query`` (T, B, C) (computed here where not given). ``q`` None: no queries."""
+        if bool(self.memory_position_free):
+            if self.memory_input is None or self.memory_input.shape != query.shape:
+                raise RuntimeError("a position-free memory layer needs memory_input (T, B, C) bound by the model")
+            k = self._split_heads(self.k_proj(self.memory_input))
+            if q is not None and self.memory_query == "query":
+                q = self._split_heads(self.q_proj(self.memory_input))
+        elif k is None:
+            k = self._split_heads(self.k_proj(query))
+        k_unit = F.normalize(k, dim=-1)
+        if q is None:
+            return None, k_unit
+        return (k_unit if self.memory_query == "key" else F.normalize(q, dim=-1)), k_unit
 
     def _split_heads(self, x: Tensor) -> Tensor:
         """(T, B, C) -> (B, H, T, D)."""
@@ -132,7 +163,7 @@ class KNNAugmentedAttention(MultiheadAttention):
             )
             if self.write_memory:
                 memory.add(
-                    F.normalize(self._split_heads(self.k_proj(query)), dim=-1),
+                    self.memory_projections(query)[1],
                     self._split_heads(self.v_proj(query)),
                     self.token_mask,
                 )
@@ -156,8 +187,7 @@ class KNNAugmentedAttention(MultiheadAttention):
         local_out = torch.matmul(local_probs, v)  # (B, H, T, D)
 
         # Memory attention over the top-k entries of earlier segments.
-        q_unit = F.normalize(k if self.memory_query == "key" else q, dim=-1)
-        k_unit = F.normalize(k, dim=-1)
+        q_unit, k_unit = self.memory_projections(query, q, k)
         retrieval = memory.search(q_unit.detach(), self.knn_k)
         scale = self.memory_scale().view(1, -1, 1, 1)
         memory_logits = torch.einsum("bhtd,bhtkd->bhtk", q_unit, retrieval.keys) * scale
@@ -189,12 +219,15 @@ class KNNAugmentedAttention(MultiheadAttention):
         super().upgrade_state_dict_named(state_dict, name)
         prefix = name + "." if name else ""
         gain = float(self.memory_param_gain)
+        if prefix + "memory_gate" in state_dict and prefix + "memory_position_free" not in state_dict:
+            # a memory layer saved before position-free keys existed was trained with positional keys
+            state_dict[prefix + "memory_position_free"] = torch.tensor(False)
         saved = state_dict.get(prefix + "memory_param_gain")
         saved_gain = float(saved) if saved is not None else 1.0
-        for param in MEMORY_PARAMETERS:
+        for param in MEMORY_PARAMETERS + ("memory_position_free",):
             key = prefix + param
             if key not in state_dict:
                 state_dict[key] = getattr(self, param).detach().clone()
-            elif saved_gain != gain:
+            elif saved_gain != gain and param in MEMORY_PARAMETERS:
                 state_dict[key] = state_dict[key].float() * (saved_gain / gain)
         state_dict[prefix + "memory_param_gain"] = self.memory_param_gain.detach().clone()
