@@ -29,6 +29,24 @@ def copy_score(model, passages: torch.Tensor) -> dict:
     return {"first_copy_loss": first_copy, "second_copy_loss": second_copy, "copy_gain": first_copy - second_copy}
 
 
+def in_context_score(model, segments: torch.Tensor, early: int = 50, late: int = 500) -> dict:
+    """segments: (N, S) token ids, S > ``late``. Olsson et al.'s (2022) in-context
+    learning score: the mean loss (nats) at token ``late`` minus at token ``early``
+    of each segment, averaged over the segments. Negative: the model predicts better
+    later in its context, i.e. it uses what it has read."""
+    if segments.size(1) <= late:
+        raise MemtrmUserError(f"the in-context score needs segments of more than {late} tokens")
+    parameters = getattr(model, "parameters", None)
+    first = next(parameters(), None) if parameters is not None else None
+    tokens = segments.to(first.device if first is not None else "cpu")
+    with torch.no_grad():
+        logits = model(tokens)[0].float()
+    # the loss "at token t" predicts token t (0-based) from the t tokens before it
+    nll = -torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    early_loss, late_loss = nll[:, early - 1].mean().item(), nll[:, late - 1].mean().item()
+    return {"loss_at_early": early_loss, "loss_at_late": late_loss, "in_context_score": late_loss - early_loss}
+
+
 def load_passages(data_bin: str, split: str, dictionary, count: int, span: int) -> torch.Tensor:
     """(count, span) passages spread evenly over the first tokens of a data-bin split."""
     from fairseq.data import data_utils

@@ -29,21 +29,26 @@ finetune_options() {
         "${CPU_FLAG[@]}")
 }
 
-# Exit 0 (done) when SAVE_DIR/checkpoint_last.pt already holds MAX updates. fairseq-train
-# resumed at its --max-update still runs one more update before it stops, so without this
-# check every rerun of a finished step would move its checkpoint by one update.
-#   stop_if_trained SAVE_DIR MAX_UPDATE
-stop_if_trained() {
+# Whether SAVE_DIR/checkpoint_last.pt already holds MAX updates (exit status 0: done).
+#   is_trained SAVE_DIR MAX_UPDATE
+is_trained() {
     local checkpoint=$1/checkpoint_last.pt
-    [ -f "$checkpoint" ] || return 0
-    if "$BIN/python" - "$checkpoint" "$2" <<'PY'
+    [ -f "$checkpoint" ] || return 1
+    "$BIN/python" - "$checkpoint" "$2" <<'PY'
 import sys, torch
 state = torch.load(sys.argv[1], map_location="cpu", weights_only=False)
 done = state["optimizer_history"][-1]["num_updates"]
 sys.exit(0 if done >= int(sys.argv[2]) else 1)
 PY
-    then
-        echo "$checkpoint already has ${2}+ updates: nothing to train (raise MAX_UPDATE to continue)"
+}
+
+# Exit 0 (done) when SAVE_DIR/checkpoint_last.pt already holds MAX updates. fairseq-train
+# resumed at its --max-update still runs one more update before it stops, so without this
+# check every rerun of a finished step would move its checkpoint by one update.
+#   stop_if_trained SAVE_DIR MAX_UPDATE
+stop_if_trained() {
+    if is_trained "$1" "$2"; then
+        echo "$1/checkpoint_last.pt already has ${2}+ updates: nothing to train (raise MAX_UPDATE to continue)"
         exit 0
     fi
 }

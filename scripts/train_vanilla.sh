@@ -1,32 +1,70 @@
 #!/usr/bin/env bash
-# Train the "vanilla checkpoint": a plain fairseq transformer_lm (no plugin),
-# 6 x 256, on a data-bin from scripts/prepare_data.py. Resumable: rerunning
-# continues from SAVE_DIR/checkpoint_last.pt (fairseq's own resume).
+# Train the "vanilla checkpoint": a plain fairseq transformer_lm (6 x 256, the shape of
+# the fine-tunes) that copies from its context, in two phases (docs/vanilla.md):
 #
-#   scripts/train_vanilla.sh DATA_BIN SAVE_DIR [extra fairseq-train args]
-#   env: MAX_UPDATE (default 1500 updates of 4 x 512 tokens), LR (5e-4),
-#        REPEAT_PROB (0 = plain --task language_modeling): the fraction of training
-#        blocks given a repeated span (--task repeat_lm, fairseq_memtrm/tasks/repeat_lm.py),
-#        a curriculum for copying from the context (the code run used it; README, Results)
+#   1. copy phase -> SAVE_DIR/copy-phase: short blocks of COPY_TOKENS_PER_SAMPLE (128)
+#      tokens, batch BATCH_SIZE (4), a fraction REPEAT_PROB (0.5) of them given a repeated
+#      span (--task repeat_lm), lr 1e-3 (inverse_sqrt, 500 warm-up), COPY_UPDATES (14000)
+#      updates. Induction heads appear after ~5e5 * sqrt(B * C) tokens, so a short context
+#      and a small batch bring them within reach of two CPU cores.
+#   2. context phase -> SAVE_DIR: TOKENS_PER_SAMPLE (512) blocks, plain language_modeling,
+#      from phase 1's weights with a fresh optimizer, lr LR (5e-4) decaying linearly to 0
+#      over MAX_UPDATE (2500) updates.
+#
+# Both phases keep a checkpoint every SAVE_EVERY (1000 / 500) updates, for
+# scripts/copy_curve.py. Resumable: rerunning continues either phase where it stopped, and
+# a finished phase is a no-op. COPY_UPDATES=0 skips phase 1 (one plain phase from scratch).
+#
+#   scripts/train_vanilla.sh DATA_BIN SAVE_DIR [extra fairseq-train args, both phases]
+#   env: COPY_UPDATES, COPY_TOKENS_PER_SAMPLE, REPEAT_PROB, COPY_LR (1e-3), MAX_UPDATE, LR,
+#        DROPOUT (0: the books run reads each token about once), TOKENS_PER_SAMPLE, BATCH_SIZE, SEED
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
 DATA=${1:?usage: train_vanilla.sh DATA_BIN SAVE_DIR [fairseq args]}
 SAVE=${2:?usage: train_vanilla.sh DATA_BIN SAVE_DIR [fairseq args]}
 shift 2
-if [ "${REPEAT_PROB:-0}" = 0 ]; then
-    TASK=(--task language_modeling)
-else
-    TASK=(--user-dir fairseq_memtrm --task repeat_lm --repeat-prob "$REPEAT_PROB")
-fi
-MAX=${MAX_UPDATE:-1500}
+COPY_UPDATES=${COPY_UPDATES:-14000}
+MAX=${MAX_UPDATE:-2500}
+COPY_DIR=$SAVE/copy-phase
 keep_vocabulary "$SAVE" "$DATA"
+
+# One fairseq-train run of the vanilla shape: train_phase SAVE_DIR [args]
+train_phase() {
+    local dir=$1
+    shift
+    "$BIN/fairseq-train" "$DATA" --sample-break-mode none \
+        --arch transformer_lm "${SHAPE[@]}" --dropout "${DROPOUT:-0.0}" --batch-size "$BATCH_SIZE" \
+        --optimizer adam --adam-betas '(0.9, 0.98)' --clip-norm 1.0 \
+        --seed "$SEED" --save-dir "$dir" --no-epoch-checkpoints --keep-interval-updates -1 \
+        --disable-validation --log-format simple --log-interval 100 "${CPU_FLAG[@]}" "$@"
+}
+
+if [ "$COPY_UPDATES" -gt 0 ]; then
+    if [ "${REPEAT_PROB:-0.5}" = 0 ]; then
+        COPY_TASK=(--task language_modeling)
+        FROM=()
+    else
+        # phase 2 reads phase 1's checkpoint, whose task (repeat_lm) is the plugin's
+        FROM=(--user-dir fairseq_memtrm)
+        COPY_TASK=(--user-dir fairseq_memtrm --task repeat_lm --repeat-prob "${REPEAT_PROB:-0.5}"
+                   --repeat-min-len 8 --repeat-max-len 48)
+    fi
+    if is_trained "$COPY_DIR" "$COPY_UPDATES"; then
+        echo "train_vanilla.sh: copy phase already has $COPY_UPDATES updates"
+    else
+        echo "train_vanilla.sh: copy phase, $COPY_UPDATES updates -> $COPY_DIR"
+        train_phase "$COPY_DIR" "${COPY_TASK[@]}" --tokens-per-sample "${COPY_TOKENS_PER_SAMPLE:-128}" \
+            --lr "${COPY_LR:-1e-3}" --lr-scheduler inverse_sqrt --warmup-updates "${COPY_WARMUP:-500}" \
+            --max-update "$COPY_UPDATES" --save-interval-updates "${SAVE_EVERY:-1000}" "$@"
+    fi
+    FROM+=(--finetune-from-model "$COPY_DIR/checkpoint_last.pt")
+else
+    FROM=()
+fi
+
 stop_if_trained "$SAVE" "$MAX"
-exec "$BIN/fairseq-train" "$DATA" "${TASK[@]}" --sample-break-mode none \
-    --arch transformer_lm "${SHAPE[@]}" --dropout 0.1 \
-    --tokens-per-sample "$TOKENS_PER_SAMPLE" --batch-size "$BATCH_SIZE" \
-    --optimizer adam --adam-betas '(0.9, 0.98)' --clip-norm 1.0 --lr "${LR:-5e-4}" \
-    --lr-scheduler inverse_sqrt --warmup-updates 200 --max-update "$MAX" \
-    --seed "$SEED" --save-dir "$SAVE" --no-epoch-checkpoints --save-interval-updates 250 \
-    --keep-interval-updates 1 --disable-validation --log-format simple --log-interval 50 \
-    "${CPU_FLAG[@]}" "$@"
+echo "train_vanilla.sh: context phase, $MAX updates -> $SAVE"
+train_phase "$SAVE" --task language_modeling --tokens-per-sample "$TOKENS_PER_SAMPLE" "${FROM[@]}" \
+    --lr "${LR:-5e-4}" --lr-scheduler polynomial_decay --total-num-update "$MAX" --end-learning-rate 0 \
+    --warmup-updates "${WARMUP:-200}" --max-update "$MAX" --save-interval-updates "${SAVE_EVERY:-500}" "$@"

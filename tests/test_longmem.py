@@ -272,7 +272,7 @@ def test_bank_builds_chunked_memories_that_the_knn_layer_reads():
 
 # ------------------------------------------------------------- CLI chain
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "BIN": str(BIN), "TOKENS_PER_SAMPLE": "64", "BATCH_SIZE": "2",
-       "MAX_UPDATE": "2"}
+       "MAX_UPDATE": "2", "COPY_UPDATES": "0"}  # the vanilla in one plain phase
 
 
 def run(*cmd, env=ENV, check=True):

@@ -12,7 +12,8 @@ import pytest
 from lm_builders import BIN, run_command
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "BIN": str(BIN), "TOKENS_PER_SAMPLE": "64", "BATCH_SIZE": "2",
-       "MAX_UPDATE": "3", "REPEAT_PROB": "0.5"}  # the vanilla step as the code run ran it (--task repeat_lm)
+       "MAX_UPDATE": "3", "REPEAT_PROB": "0.5", "COPY_UPDATES": "2", "COPY_TOKENS_PER_SAMPLE": "32"}
+# both phases of the vanilla recipe: a copy phase (--task repeat_lm), then the context phase
 
 
 def run(*cmd, env=ENV):
