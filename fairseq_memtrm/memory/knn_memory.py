@@ -184,9 +184,13 @@ class KNNMemory:
         """Top-``k`` entries by inner product for ``queries`` (B, H, T, D).
 
         Streams holding fewer than ``k`` entries return what they have, the rest
-        masked out (``mask`` False, ``positions`` -1, ``scores`` -inf).
+        masked out (``mask`` False, ``positions`` -1, ``scores`` -inf). The last
+        dimension is ``min(k, entries of the fullest stream)`` (at least 1).
         """
         bsz, heads, seq_len, dim = queries.shape
+        # the buffers are never wider than the fullest stream can fill: a k far
+        # beyond the memory's size must not allocate B x H x T x k x D
+        k = max(1, min(k, max(self.num_valid(stream) for stream in range(bsz))))
         out_keys = queries.new_zeros(bsz, heads, seq_len, k, dim)
         out_values = queries.new_zeros(bsz, heads, seq_len, k, dim)
         out_scores = queries.new_full((bsz, heads, seq_len, k), float("-inf"))

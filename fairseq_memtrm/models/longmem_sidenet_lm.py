@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 import torch
-from fairseq import checkpoint_utils
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import (
     ARCH_MODEL_REGISTRY,
@@ -37,12 +36,14 @@ from fairseq.models.transformer_lm import TransformerLanguageModel
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 from torch import Tensor
 
+from fairseq_memtrm.checkpoint_files import load_checkpoint_to_cpu
 from fairseq_memtrm.errors import MemtrmUserError
 from fairseq_memtrm.memory import MemoryBank
-from fairseq_memtrm.memory.search import BACKENDS
+from fairseq_memtrm.memory.search import parse_backend_spec
 from fairseq_memtrm.models.memorizing_transformer_lm import (
     DEFAULT_STREAM_SET,
     build_memorizing_layer,
+    check_knn_k,
     memory_defaults,
     parse_memory_layers,
 )
@@ -131,7 +132,7 @@ def load_backbone(path: str, task) -> Tuple[TransformerLanguageModel, int]:
                               "PATH to a transformer_lm checkpoint (e.g. from scripts/train_vanilla.sh)")
     if not os.path.isfile(path):
         raise MemtrmUserError(f"backbone checkpoint {path!r} not found; if it moved, {MOVED_HINT}")
-    state = checkpoint_utils.load_checkpoint_to_cpu(path)
+    state = load_checkpoint_to_cpu(path, flag="--backbone-checkpoint")  # a bad file: one sentence, exit 2
     model_cfg = state["cfg"].model if state.get("cfg") is not None else None
     arch = getattr(model_cfg, "_name", None) if model_cfg is not None else None
     if ARCH_MODEL_REGISTRY.get(arch) is not TransformerLanguageModel:
@@ -174,12 +175,8 @@ class LongMemSideNetLanguageModel(FairseqLanguageModel):
 
     @classmethod
     def build_model(cls, args, task):
-        if args.memory_backend not in BACKENDS:
-            raise MemtrmUserError(
-                f"unknown --memory-backend {args.memory_backend!r}; choose one of {sorted(BACKENDS)}"
-            )
-        if args.knn_k < 1:
-            raise MemtrmUserError(f"--knn-k must be >= 1, got {args.knn_k}")
+        parse_backend_spec(args.memory_backend)  # a clear error for a bad name or option
+        check_knn_k(args)
         path = os.path.abspath(os.path.expanduser(args.backbone_checkpoint)) if args.backbone_checkpoint else ""
         backbone, fingerprint = load_backbone(path, task)
         try:  # saved in the side checkpoint's config: fairseq-eval-lm finds it from any directory

@@ -148,8 +148,7 @@ class MemorizingTransformerLanguageModel(TransformerLanguageModel):
     @classmethod
     def build_model(cls, args, task):
         parse_backend_spec(args.memory_backend)  # a clear error for a bad name or option
-        if args.knn_k < 0:
-            raise MemtrmUserError(f"--knn-k must be >= 0, got {args.knn_k}")
+        check_knn_k(args)
         model = super().build_model(args, task)
         model.install_memory(args)
         return model
@@ -259,6 +258,19 @@ class MemorizingTransformerLanguageModel(TransformerLanguageModel):
                 f"checkpoint has tensors this model lacks (e.g. {extra[0]}); it has more layers or "
                 "another architecture: use the checkpoint's --arch and --decoder-layers"
             )
+
+
+def check_knn_k(args) -> None:
+    """``--knn-k`` against ``--memory-size``: at least 1 where there is a memory (k = 0 would
+    write a memory nobody reads), and clamped to the memory size (no more can be found)."""
+    if args.knn_k < 0 or (args.knn_k == 0 and args.memory_size > 0):
+        raise MemtrmUserError(
+            f"--knn-k must be >= 1 to read the memory, got {args.knn_k}; to turn the memory off use --memory-size 0"
+        )
+    if args.memory_size > 0 and args.knn_k > args.memory_size:
+        logger.warning("--knn-k %d exceeds --memory-size %d: clamped to %d (a memory cannot return more entries "
+                       "than it holds)", args.knn_k, args.memory_size, args.memory_size)
+        args.knn_k = args.memory_size
 
 
 def memory_defaults(args):

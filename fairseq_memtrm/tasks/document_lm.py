@@ -139,10 +139,17 @@ class DocumentLMTask(FairseqTask):
         the iterator, so every rank gets its own streams and as many batches."""
         if not isinstance(dataset, DocumentDataset):
             raise MemtrmUserError("--task document_lm batches only its own document datasets")
+        batch_size = max_sentences or self.streams_per_rank
+        if batch_size * num_shards > len(dataset):
+            logger.warning(
+                "%s: %d streams (--batch-size %d x %d ranks) but only %d documents: %d rows of every batch are "
+                "padding; use --batch-size %d or less", dataset.split, batch_size * num_shards, batch_size,
+                num_shards, len(dataset), batch_size * num_shards - len(dataset), max(1, len(dataset) // num_shards),
+            )
         streams = DocumentStreamDataset(
             dataset,
             tokens_per_sample=self.cfg.tokens_per_sample,
-            batch_size=max_sentences or self.streams_per_rank,
+            batch_size=batch_size,
             pad=self.dictionary.pad(),
             eos=self.dictionary.eos(),
             shuffle=dataset.split == self.cfg.train_subset,

@@ -1,0 +1,52 @@
+"""Bad numbers on the command line: each gets one sentence or a warning with the
+numbers, never a crash or a silent waste (real fairseq-train runs, a few seconds each)."""
+
+import sys
+
+import torch
+from lm_builders import BIN, run_command
+
+from fairseq_memtrm.memory import KNNMemory
+
+TINY_RUN = ["--user-dir", "fairseq_memtrm", "--task", "document_lm", "--arch", "memorizing_transformer_lm_tiny",
+            "--tokens-per-sample", "64", "--optimizer", "adam", "--lr", "1e-3", "--cpu", "--max-update", "2",
+            "--train-subset", "valid", "--disable-validation", "--no-save", "--log-format", "simple"]
+
+# Runs a command and prints the peak resident memory of its process tree's largest member (MiB).
+PEAK_RSS = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+            "print('peak MiB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024); sys.exit(code)")
+
+
+def train(data_bin, *extra, check=True):
+    result = run_command(sys.executable, "-c", PEAK_RSS, BIN / "fairseq-train", data_bin, *TINY_RUN, *extra,
+                         check=check, timeout=300)
+    return result, result.stdout + result.stderr
+
+
+def test_search_buffers_are_no_wider_than_the_memory():
+    memory = KNNMemory(2, 2, 4, memory_size=64)
+    keys = torch.nn.functional.normalize(torch.randn(2, 2, 5, 4), dim=-1)
+    memory.add(keys, keys, torch.tensor([[True] * 5, [True] * 3 + [False] * 2]))
+    found = memory.search(keys, 100_000)
+    assert found.keys.shape == (2, 2, 5, 5, 4)  # the fuller stream holds 5 entries
+    assert found.mask[0].all() and found.mask[1].sum(-1).eq(3).all()
+
+
+def test_knn_k_beyond_the_memory_size_is_clamped_with_a_warning(prepared_data_bin):
+    result, log = train(prepared_data_bin, "--memory-size", "64", "--knn-k", "100000", "--batch-size", "2")
+    assert "--knn-k 100000 exceeds --memory-size 64: clamped to 64" in log
+    peak = int(log.split("peak MiB")[1].split()[0])
+    assert peak < 2000, f"{peak} MiB: buffers sized by k, not by the memory"
+
+
+def test_knn_k_zero_with_a_memory_is_one_sentence(prepared_data_bin):
+    result, log = train(prepared_data_bin, "--memory-size", "64", "--knn-k", "0", "--batch-size", "2", check=False)
+    assert result.returncode == 1 and "Traceback" not in log
+    assert "fairseq-memtrm: error: --knn-k must be >= 1 to read the memory, got 0; to turn the memory off use " \
+           "--memory-size 0" in result.stderr
+
+
+def test_more_streams_than_documents_is_a_warning_with_the_numbers(prepared_data_bin):
+    _, log = train(prepared_data_bin, "--memory-size", "64", "--batch-size", "8")
+    assert "valid: 8 streams (--batch-size 8 x 1 ranks) but only 3 documents: 5 rows of every batch are " \
+           "padding; use --batch-size 3 or less" in log
