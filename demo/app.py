@@ -129,6 +129,15 @@ def parse_checkpoint_args(specs: Optional[List[str]]) -> Dict[str, str]:
     return checkpoints
 
 
+#: no document of N tokens has more characters (or UTF-8 bytes) than this many times N
+MAX_CHARS_PER_TOKEN = 40
+
+
+def max_upload_bytes(max_tokens: int) -> int:
+    """The largest upload worth reading: anything bigger is surely over the token limit."""
+    return MAX_CHARS_PER_TOKEN * max_tokens
+
+
 class DemoApp:
     def __init__(self, models: Dict[str, DemoModel], samples: Dict[str, str], max_tokens: int = MAX_DOCUMENT_TOKENS):
         if not models:
@@ -201,6 +210,12 @@ class DemoApp:
             path = upload if isinstance(upload, str) else upload.name
             if not path.endswith((".txt", ".py")):
                 raise MemtrmUserError("upload a .txt or .py file")
+            size = os.path.getsize(path)
+            if size > max_upload_bytes(self.max_tokens):  # rejected before a byte is read
+                raise MemtrmUserError(
+                    f"the file has {size:,} bytes, far over the limit of {self.max_tokens:,} tokens: "
+                    "upload a part of it"
+                )
             return read_text_file(path)
         return pasted or ""
 
@@ -216,9 +231,9 @@ class DemoApp:
             text = self.load_document(source, sample, pasted, upload)
             if not text.strip():
                 raise MemtrmUserError("the document is empty: paste some text, upload a .txt/.py file or pick a sample")
-            if source == "Sample" and len(text) > 40 * self.max_tokens:
-                text = text[: 40 * self.max_tokens]  # a long sample book is read in part (below)
-            if len(text) > 40 * self.max_tokens:  # surely over the token limit: do not even encode it
+            if source == "Sample" and len(text) > max_upload_bytes(self.max_tokens):
+                text = text[: max_upload_bytes(self.max_tokens)]  # a long sample book is read in part (below)
+            if len(text) > max_upload_bytes(self.max_tokens):  # surely over the token limit: do not even encode it
                 raise MemtrmUserError(
                     f"the document has {len(text):,} characters, far over the limit of "
                     f"{self.max_tokens:,} tokens: cut it or upload a part of it"
@@ -386,12 +401,14 @@ def main(argv=None):
             name: load_demo_model(path, args.data, args.spm_model, args.segment_length, args.cpu)
             for name, path in checkpoints.items()
         }
-    except MemtrmUserError as error:
-        raise SystemExit(f"demo/app.py: error: {error.message}")
+    except MemtrmUserError as error:  # exit status 2 for a bad checkpoint file, else 1
+        print(f"demo/app.py: error: {error.message}", file=sys.stderr, flush=True)
+        raise SystemExit(error.exit_status) from None
     blocks = DemoApp(models, samples, args.max_document_tokens).build()
     print(f"Memorizing Transformer demo: http://{args.host}:{args.port}", flush=True)
     blocks.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port,
-                                                     show_error=False, theme=gr.themes.Soft())
+                                                     show_error=False, theme=gr.themes.Soft(),
+                                                     max_file_size=max_upload_bytes(args.max_document_tokens))
 
 
 if __name__ == "__main__":

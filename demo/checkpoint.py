@@ -18,6 +18,7 @@ from typing import List, Optional
 import torch
 
 import fairseq_memtrm  # noqa: F401  (fills fairseq's registries)
+from fairseq_memtrm.checkpoint_files import load_checkpoint_to_cpu
 from fairseq_memtrm.errors import MemtrmUserError
 
 logger = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ def load_demo_model(
         )
     if not os.path.isfile(checkpoint):
         raise MemtrmUserError(f"no checkpoint file {checkpoint}; run `make demo-model` or pass --checkpoint CKPT")
-    state = checkpoint_utils.load_checkpoint_to_cpu(checkpoint)
+    state = load_checkpoint_to_cpu(checkpoint, flag="--checkpoint")  # a bad file: one sentence
     cfg = state.get("cfg")
     if cfg is None or not str(cfg.model.get("_name", "")).startswith(MEMORY_MODELS):
         raise MemtrmUserError(

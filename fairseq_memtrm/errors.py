@@ -4,14 +4,26 @@ A wrong flag, a missing file or an incompatible checkpoint is the user's to fix,
 not a bug: it must end the command with one clear sentence that names the fix,
 not a stack trace. ``MemtrmUserError`` derives from ``SystemExit`` so that the
 fairseq CLIs (which wrap model loading in ``except Exception``) let it through
-and Python prints only its message.
+and Python prints only its message (exit status 1). An error whose
+``exit_status`` is not 1 (``BadCheckpointFile``: 2, a bad input file, as the
+scripts' own checks) keeps it where the plugin's entry points print it: the
+fairseq CLIs (``fairseq_patches``), ``demo/app.py``, ``checkpoint_files.main``
+(scripts/common.sh).
 """
 
 
 class MemtrmUserError(SystemExit):
+    exit_status = 1
+
     def __init__(self, message: str):
         super().__init__(f"fairseq-memtrm: error: {message}")
         self.message = message
 
     def __str__(self) -> str:
         return self.message
+
+
+class BadCheckpointFile(MemtrmUserError):
+    """A file given as a checkpoint is empty, truncated, not a torch file or not a fairseq checkpoint."""
+
+    exit_status = 2

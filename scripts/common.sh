@@ -29,10 +29,51 @@ finetune_options() {
         "${CPU_FLAG[@]}")
 }
 
+# One training run per save dir: two runs writing into one folder would both exit 0 and
+# leave it mixing their checkpoints. Holds an flock on SAVE_DIR/.lock for the life of the
+# script (the fd is inherited by fairseq-train, also through exec) and writes the holder
+# into SAVE_DIR/.lock.pid; a second run exits 2 naming it.
+#   lock_save_dir SAVE_DIR
+lock_save_dir() {
+    mkdir -p "$1"
+    command -v flock >/dev/null || { echo "$(basename "$0"): warning: no flock here, $1 is not locked" >&2; return 0; }
+    exec {SAVE_LOCK_FD}>>"$1/.lock"
+    if ! flock -n "$SAVE_LOCK_FD"; then
+        echo "$(basename "$0"): another run is training into $1 ($(cat "$1/.lock.pid" 2>/dev/null || echo "pid unknown"));" \
+             "wait for it or choose another save dir" >&2
+        exit 2
+    fi
+    echo "pid $$, $(basename "$0"), started $(date '+%Y-%m-%d %H:%M:%S')" > "$1/.lock.pid"
+}
+
+# A run killed while fairseq copied checkpoint_E_N.pt to checkpoint_last.pt leaves the
+# latter empty or truncated (the plugin makes that copy atomic; stock fairseq does not),
+# and resuming from it fails. Says so in one sentence and resumes from the newest whole
+# checkpoint_E_N.pt, or moves the broken file aside to start over (fairseq_memtrm/checkpoint_files.py).
+#   recover_last_checkpoint SAVE_DIR
+recover_last_checkpoint() {
+    [ -f "$1/checkpoint_last.pt" ] || return 0
+    checkpoint_files recover "$1"
+}
+
+# Exit 2 with one sentence when CHECKPOINT is not a readable fairseq checkpoint (empty,
+# truncated, not a torch file, no 'model' entry), before fairseq prints torch's traceback.
+#   require_checkpoint FLAG CHECKPOINT
+require_checkpoint() {
+    checkpoint_files check "$(basename "$0")" "$1" "$2"
+}
+# fairseq_memtrm/checkpoint_files.py's main, without the import noise of fairseq's extras
+checkpoint_files() {
+    "$BIN/python" -c 'import sys; from fairseq_memtrm.checkpoint_files import main; sys.exit(main())' "$@" \
+        2> >(grep -v -e tensorboardX -e faiss >&2)
+}
+
 # Whether SAVE_DIR/checkpoint_last.pt already holds MAX updates (exit status 0: done).
+# Repairs a broken checkpoint_last.pt first (recover_last_checkpoint).
 #   is_trained SAVE_DIR MAX_UPDATE
 is_trained() {
     local checkpoint=$1/checkpoint_last.pt
+    recover_last_checkpoint "$1"
     [ -f "$checkpoint" ] || return 1
     "$BIN/python" - "$checkpoint" "$2" <<'PY'
 import sys, torch
@@ -80,13 +121,16 @@ keep_vocabulary() {
     done
 }
 
-# The start shared by finetune_memory.sh and finetune_longmem.sh: the options, the
-# vocabulary of the checkpoint fine-tuned from and of SAVE_DIR, and nothing to do
-# when SAVE_DIR is already trained.
-#   start_finetune DATA_BIN FROM_CKPT SAVE_DIR
+# The start shared by finetune_memory.sh and finetune_longmem.sh: the vocabulary of the
+# checkpoint fine-tuned from and of SAVE_DIR, the lock on SAVE_DIR, a readable FROM_CKPT,
+# the options, and nothing to do when SAVE_DIR is already trained.
+#   start_finetune DATA_BIN FROM_CKPT SAVE_DIR [FLAG: how fairseq-train is given FROM_CKPT, --finetune-from-model]
 start_finetune() {
-    finetune_options "$3"
     same_vocabulary "$(dirname "$2")" "$1"
+    same_vocabulary "$3" "$1"  # refused before the lock creates SAVE_DIR
+    lock_save_dir "$3"
+    require_checkpoint "${4:---finetune-from-model}" "$2"
+    finetune_options "$3"
     keep_vocabulary "$3" "$1"
     stop_if_trained "$3" "$FINETUNE_MAX_UPDATE"
 }

@@ -27,6 +27,8 @@ shift 2
 COPY_UPDATES=${COPY_UPDATES:-14000}
 MAX=${MAX_UPDATE:-2500}
 COPY_DIR=$SAVE/copy-phase
+same_vocabulary "$SAVE" "$DATA"  # refused before the lock creates SAVE_DIR
+lock_save_dir "$SAVE"
 keep_vocabulary "$SAVE" "$DATA"
 
 # One fairseq-train run of the vanilla shape: train_phase SAVE_DIR [args]

@@ -50,3 +50,23 @@ def test_more_streams_than_documents_is_a_warning_with_the_numbers(prepared_data
     _, log = train(prepared_data_bin, "--memory-size", "64", "--batch-size", "8")
     assert "valid: 8 streams (--batch-size 8 x 1 ranks) but only 3 documents: 5 rows of every batch are " \
            "padding; use --batch-size 3 or less" in log
+
+
+def test_unknown_model_overrides_are_one_sentence(prepared_data_bin, tmp_path):
+    """fairseq drops an override key that no config group has: a typo, or a memory
+    setting given to a vanilla model, would evaluate something else than asked."""
+    vanilla = tmp_path / "vanilla"
+    run_command(BIN / "fairseq-train", prepared_data_bin, "--task", "language_modeling", "--arch", "transformer_lm",
+                "--decoder-layers", "1", "--decoder-embed-dim", "16", "--decoder-ffn-embed-dim", "32",
+                "--decoder-attention-heads", "2", "--tokens-per-sample", "32", "--batch-size", "2", "--optimizer",
+                "adam", "--lr", "1e-3", "--cpu", "--max-update", "1", "--save-dir", vanilla, timeout=300)
+    for overrides, expected in (("{'memory_sizee': 0}", "'memory_sizee'"), ("{'memory_size': 1024}", "'memory_size'")):
+        result = run_command(BIN / "fairseq-eval-lm", prepared_data_bin, "--path", vanilla / "checkpoint_last.pt",
+                             "--user-dir", "fairseq_memtrm", "--cpu", "--tokens-per-sample", "32",
+                             "--model-overrides", overrides, check=False, timeout=300)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert f"fairseq-memtrm: error: --model-overrides key {expected} is not a setting of" in result.stderr
+    ok = run_command(BIN / "fairseq-eval-lm", prepared_data_bin, "--path", vanilla / "checkpoint_last.pt",
+                     "--user-dir", "fairseq_memtrm", "--cpu", "--tokens-per-sample", "32", "--gen-subset", "valid",
+                     "--model-overrides", "{'dropout': 0.0}", timeout=300)
+    assert "Perplexity" in ok.stdout + ok.stderr

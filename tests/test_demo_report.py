@@ -15,7 +15,7 @@ from fairseq import options, tasks
 from fairseq.data import Dictionary
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
-from demo.app import DemoApp, gain_colour, list_samples, parse_checkpoint_args, read_text_file
+from demo.app import DemoApp, gain_colour, list_samples, max_upload_bytes, parse_checkpoint_args, read_text_file
 from demo.checkpoint import DEMO_CHECKPOINT, DEMO_CHECKPOINTS, load_demo_model
 from demo.checks import FAR_CALLS, far_call_retrievals, name_pieces_last_seen_far_back, name_recall
 from demo.checks import main as checks_main
@@ -268,17 +268,26 @@ def test_committed_demo_model_loads_encodes_and_reads():
     assert all(0 < g < 1 for g in details.gates)
 
 
+def test_upload_limit_follows_the_token_limit():
+    """Gradio's max_file_size and the app's own check: 40 bytes per token."""
+    assert max_upload_bytes(300_000) == 12_000_000 and max_upload_bytes(200) == 8_000
+
+
 def test_app_shows_bad_input_as_a_message(tmp_path):
     """Empty input, non-UTF-8 bytes and an over-long document: a status message, no exception."""
     app = DemoApp({"code": load_demo_model(DEMO_CHECKPOINT, cpu=True, segment_length=64)}, {}, max_tokens=200)
     latin1 = tmp_path / "latin1.py"
     latin1.write_bytes(b"x = 'caf\xe9'\n")
+    huge = tmp_path / "huge.txt"
+    with open(huge, "wb") as handle:  # sparse: 200 MB that would take seconds and RAM to read
+        handle.truncate(200_000_000)
     no_progress = lambda *args, **kwargs: None
     cases = {
         "the document is empty": ("Paste", None, "  \n ", None),
         "not UTF-8": ("Upload", None, "", str(latin1)),
         "the demo reads at most 200": ("Paste", None, "x = 1\n" * 100, None),
         "upload a .txt or .py file": ("Upload", None, "", str(tmp_path / "model.pt")),
+        "the file has 200,000,000 bytes, far over the limit of 200 tokens": ("Upload", None, "", str(huge)),
     }
     status, *_, session = app.run("books", "Paste", None, "x = 1\n", None, 1024, 8, {}, None, progress=no_progress)
     assert status.startswith("**Error:**") and "choose a model: code" in status

@@ -117,7 +117,8 @@ class ChunkedKNNMemory:
         """The tokens of the ``max(1, k // chunk_size)`` chunks whose mean key has the
         largest inner product with each query of ``queries`` (B, H, T, D).
 
-        Returns a :class:`Retrieval` of ``k' = max(1, k // c) * c`` entries per query,
+        Returns a :class:`Retrieval` of ``k' = n * c`` entries per query, ``n`` = ``max(1, k // c)``
+        or fewer where fewer chunks are complete,
         chunk by chunk in rank order, tokens in document order within a chunk.
         ``scores`` are each token's own inner product with the query.
         """

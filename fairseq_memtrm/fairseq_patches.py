@@ -1,0 +1,71 @@
+"""Three small changes to fairseq 0.12, made when the plugin is imported (``--user-dir``).
+
+Why: fairseq saves ``checkpoint_E_N.pt`` atomically (a ``.tmp`` file renamed), then
+copies it to ``checkpoint_last.pt`` with a plain ``shutil.copyfile``; a run killed
+during that copy leaves ``checkpoint_last.pt`` empty or truncated, and the next run
+(which resumes from it) dies with an ``EOFError`` traceback. And a checkpoint that is
+not one (empty, random bytes, another tool's file) ends ``--path``,
+``--finetune-from-model`` or ``--restore-file`` with torch's traceback and its advice
+to retry with ``weights_only=False``, wrong for a file one does not trust.
+
+What (each only replaces a name fairseq looks up at call time, nothing else changes):
+
+1. ``checkpoint_utils.PathManager`` (that module's name only) becomes a subclass whose
+   ``copy`` of a local file writes a temporary file in the destination's folder and
+   renames it over the destination (:func:`~fairseq_memtrm.checkpoint_files.copy_atomically`):
+   ``checkpoint_last.pt`` is always a whole checkpoint.
+2. ``checkpoint_utils.load_checkpoint_to_cpu`` becomes
+   :func:`~fairseq_memtrm.checkpoint_files.load_checkpoint_to_cpu`: a file that is not a
+   fairseq checkpoint raises ``BadCheckpointFile``, one sentence naming it.
+3. ``distributed_utils.call_main`` (how fairseq-train and fairseq-eval-lm run their
+   ``main``) ends on a plugin error by printing its one sentence and leaving at once
+   with the error's exit status (1; 2 for ``BadCheckpointFile``, as the scripts'
+   checks): Python's own handling of ``SystemExit`` knows only status 1, and its
+   teardown, with worker threads still running, can abort with status 134.
+
+The scripts (scripts/common.sh) also repair a broken ``checkpoint_last.pt`` left by a
+run without the plugin (stock fairseq), before they train.
+"""
+
+import os
+import sys
+
+from fairseq import checkpoint_utils
+from fairseq.distributed import utils as distributed_utils
+from fairseq.file_io import PathManager
+
+from fairseq_memtrm import checkpoint_files
+from fairseq_memtrm.errors import MemtrmUserError
+
+
+class AtomicCopyPathManager(PathManager):
+    @staticmethod
+    def copy(src_path: str, dst_path: str, overwrite: bool = False) -> bool:
+        if PathManager.path_requires_pathmanager(dst_path):  # a remote path: ioPath copies it
+            return PathManager.copy(src_path, dst_path, overwrite=overwrite)
+        checkpoint_files.copy_atomically(src_path, dst_path)
+        return True
+
+
+def _call_main(cfg, main, **kwargs):
+    try:
+        return _call_main.fairseq_original(cfg, main, **kwargs)
+    except MemtrmUserError as error:
+        print(error.code, file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # Not SystemExit: the interpreter's teardown would then run with the data loader's
+        # and the thread pools' threads still alive, which can abort ("terminate called
+        # without an active exception", status 134) after the sentence was printed.
+        os._exit(error.exit_status)
+
+
+def install() -> None:
+    """Apply the three changes (once)."""
+    if checkpoint_utils.PathManager is not AtomicCopyPathManager:
+        checkpoint_utils.PathManager = AtomicCopyPathManager
+    if not hasattr(checkpoint_utils.load_checkpoint_to_cpu, "fairseq_original"):
+        checkpoint_files.load_checkpoint_to_cpu.fairseq_original = checkpoint_utils.load_checkpoint_to_cpu
+        checkpoint_utils.load_checkpoint_to_cpu = checkpoint_files.load_checkpoint_to_cpu
+    if not hasattr(distributed_utils.call_main, "fairseq_original"):
+        _call_main.fairseq_original = distributed_utils.call_main
+        distributed_utils.call_main = _call_main
