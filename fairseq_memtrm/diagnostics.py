@@ -68,3 +68,42 @@ def load_passages(data_bin: str, split: str, dictionary, count: int, span: int) 
         )
     stride = len(stream) // count
     return torch.stack([stream[i * stride : i * stride + span] for i in range(count)])
+
+
+def plant_passage(document: torch.Tensor, passage: torch.Tensor, first_at: int, gap: int) -> torch.Tensor:
+    """``document`` (N,) with ``passage`` (P,) written in at ``first_at`` and again at
+    ``first_at + gap``, cut after the second copy:
+    ``doc[:a] + P + doc[a : a + gap - P] + P``, of length ``a + gap + P``."""
+    length = len(passage)
+    if gap < length or len(document) < first_at + gap - length:
+        raise MemtrmUserError(f"a document of {len(document)} tokens cannot hold a passage at {first_at} and "
+                              f"{first_at + gap}")
+    return torch.cat([document[:first_at], passage, document[first_at : first_at + gap - length], passage])
+
+
+@torch.no_grad()
+def planted_passage_loss(model, documents: torch.Tensor, first_at: int, gap: int, length: int,
+                         tokens_per_sample: int, stream_id: str = "planted") -> dict:
+    """``documents`` (B, N) from :func:`plant_passage` (second copy at ``first_at + gap``),
+    read as one stream each in segments of ``tokens_per_sample``, the memory (if the
+    model has one) reset at the start. Mean loss (nats) on each copy of the passage,
+    the first token of each copy excluded: a token ``gap`` tokens back is out of the
+    local context, so only a memory can make the second copy cheaper than the first."""
+    parameters = getattr(model, "parameters", None)
+    first = next(parameters(), None) if parameters is not None else None
+    documents = documents.to(first.device if first is not None else "cpu")
+    bsz, total = documents.shape
+    nll = torch.zeros(bsz, total, device=documents.device)  # nll[:, i]: loss of token i
+    for start in range(0, total - 1, tokens_per_sample):
+        source = documents[:, start : min(start + tokens_per_sample, total - 1)]
+        target = documents[:, start + 1 : start + 1 + source.size(1)]
+        if hasattr(model, "memory_bank"):
+            doc_start = torch.full((bsz,), start == 0, dtype=torch.bool, device=documents.device)
+            logits = model(source, doc_start=doc_start, stream_id=stream_id)[0]
+        else:
+            logits = model(source)[0]
+        lprobs = torch.log_softmax(logits.float(), dim=-1)
+        nll[:, start + 1 : start + 1 + source.size(1)] = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    second = first_at + gap
+    return {"first_copy_loss": nll[:, first_at + 1 : first_at + length].mean().item(),
+            "second_copy_loss": nll[:, second + 1 : second + length].mean().item()}

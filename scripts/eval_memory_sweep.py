@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))
 from fairseq import checkpoint_utils, options, progress_bar, tasks, utils  # noqa: E402
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
 
-from fairseq_memtrm.diagnostics import copy_score, load_passages  # noqa: E402
+from fairseq_memtrm.diagnostics import copy_score, load_passages, plant_passage, planted_passage_loss  # noqa: E402
 from fairseq_memtrm.errors import MemtrmUserError  # noqa: E402
 
 logger = logging.getLogger("eval_memory_sweep")
@@ -209,6 +209,25 @@ def vanilla_copy_score(model, task, args):
     return {"span": span, "passages": 16, **result}
 
 
+def planted_documents(task, args):
+    """(B, N) every document of the split long enough for the planted-passage probe,
+    each with its own random passage (the same on every run), or None."""
+    if args.probe_gap <= 0:
+        return None
+    dataset, dictionary = task.dataset(args.subset), task.source_dictionary
+    need = args.probe_at + args.probe_gap - args.probe_length
+    generator = torch.Generator().manual_seed(1)
+    planted = []
+    for doc in range(len(dataset)):
+        passage = torch.randint(dictionary.nspecial, len(dictionary), (args.probe_length,), generator=generator)
+        if dataset.size(doc) >= need:
+            planted.append(plant_passage(dataset[doc], passage, args.probe_at, args.probe_gap))
+    if not planted:
+        logger.warning("no planted-passage probe: no %s document has %d tokens", args.subset, need)
+        return None
+    return torch.stack(planted)
+
+
 def biggest_gains(without, with_memory, dictionary, top=25, min_count=5):
     """Token types whose summed loss falls most with memory (same tokens, same order)."""
     if not np.array_equal(without["type"], with_memory["type"]):
@@ -242,6 +261,14 @@ def write_outputs(out, report):
         lines += ["", "top-1 holds next: share of (head, token) retrievals whose best entry is the token to predict "
                   f"(what its value carries); that token occurs earlier in its document for {max(ceiling):.0%} "
                   "of tokens."]
+    probed = [r for r in report["runs"] if "planted_passage" in r]
+    if probed:
+        probe = report["planted_passage"]
+        lines += ["", f"Planted passage: {probe['length']} random tokens at token {probe['at']} of each of "
+                  f"{probe['documents']} documents and again {probe['gap']:,} tokens later; mean loss (nats):", "",
+                  "| run | eval memory | first copy | second copy |", "|---|---:|---:|---:|"]
+        lines += [f"| {r['name']} | {r['memory_size']} | {r['planted_passage']['first_copy_loss']:.3f} | "
+                  f"{r['planted_passage']['second_copy_loss']:.3f} |" for r in probed]
     if report.get("biggest_gains"):
         lines += ["", f"Token types that gain most from memory ({report['gains_between']}):", "",
                   "| token | count | total gain (nats) | mean gain |", "|---|---:|---:|---:|"]
@@ -298,6 +325,11 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=4, help="streams evaluated side by side")
     parser.add_argument("--far-position", type=int, default=8192,
                         help="also report perplexity on tokens at least this far into their document")
+    parser.add_argument("--probe-gap", type=int, default=30000,
+                        help="planted-passage probe: a random passage at --probe-at of every document long enough, "
+                        "and again this many tokens later; the loss on each copy is reported (0: no probe)")
+    parser.add_argument("--probe-at", type=int, default=1000, help="where the probe's first copy starts")
+    parser.add_argument("--probe-length", type=int, default=40, help="the probe passage's length in tokens")
     parser.add_argument("--title", default="perplexity vs memory size")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--cpu", action="store_true")
@@ -317,7 +349,7 @@ def main(argv=None):
         plan.append(("control", args.control_checkpoint, 0))
     if args.vanilla_checkpoint:
         plan.append(("vanilla", args.vanilla_checkpoint, None))
-    runs, scored_by_size, dictionary, vanilla_copy = [], {}, None, None
+    runs, scored_by_size, dictionary, vanilla_copy, planted = [], {}, None, None, False
     for name, checkpoint, size in plan:
         overrides = {"memory_size": size} if size is not None else {}
         if name == "longmem" and args.longmem_backbone:
@@ -335,6 +367,12 @@ def main(argv=None):
                     args.far_position, row["ppl_past_far_position"], row["tokens"])
         if name == "vanilla":
             vanilla_copy = vanilla_copy_score(model, task, args)
+        if planted is False:  # built once, from the first run's task
+            planted = planted_documents(task, args)
+        if planted is not None:
+            row["planted_passage"] = {k: round(v, 4) for k, v in planted_passage_loss(
+                model, planted, args.probe_at, args.probe_gap, args.probe_length, args.tokens_per_sample).items()}
+            logger.info("%s memory %s: planted passage %s", name, size, row["planted_passage"])
         runs.append(row)
         if name == "memory":
             scored_by_size[size] = scored
@@ -352,6 +390,9 @@ def main(argv=None):
         "runs": runs,
         "vanilla_copy_score": vanilla_copy,
     }
+    if planted is not None and planted is not False:
+        report["planted_passage"] = {"documents": planted.size(0), "at": args.probe_at, "gap": args.probe_gap,
+                                     "length": args.probe_length}
     with_memory = [s for s in sizes if s > 0]
     if 0 in scored_by_size and with_memory:
         largest = max(with_memory)

@@ -39,7 +39,8 @@ def chain(tmp_path_factory):
     out = run(BIN / "python", "scripts/eval_memory_sweep.py", data, "--memory-checkpoint",
               work / "memory" / "checkpoint_last.pt", "--control-checkpoint", work / "control" / "checkpoint_last.pt",
               "--vanilla-checkpoint", vanilla, "--memory-sizes", "0,256", "--tokens-per-sample", "64",
-              "--batch-size", "2", "--far-position", "256", "--out", work / "results", "--cpu", "--log-format", "none")
+              "--batch-size", "2", "--far-position", "256", "--probe-gap", "300", "--probe-at", "20",
+              "--probe-length", "8", "--out", work / "results", "--cpu", "--log-format", "none")
     return work, out
 
 
@@ -89,6 +90,16 @@ def test_sweep_report_has_every_run_with_finite_numbers(chain):
     assert copy["span"] == 32 and math.isfinite(copy["copy_gain"]) and copy["first_copy_loss"] > 0
     assert (work / "results" / "memory_sweep.png").stat().st_size > 10_000
     assert "| memory | 256 |" in (work / "results" / "memory_sweep.md").read_text()
+    probe = report["planted_passage"]  # every test document holds a passage at 20 and at 320
+    assert probe == {"documents": 3, "at": 20, "gap": 300, "length": 8}
+    for row in report["runs"]:
+        losses = row["planted_passage"]
+        assert math.isfinite(losses["first_copy_loss"]) and math.isfinite(losses["second_copy_loss"])
+    # without memory, a copy 300 tokens (5 segments) back is out of reach: both copies cost alike
+    no_memory = runs[("memory", 0)]["planted_passage"]
+    assert no_memory["second_copy_loss"] == pytest.approx(no_memory["first_copy_loss"], rel=0.2)
+    assert "Planted passage: 8 random tokens at token 20 of each of 3 documents" in \
+        (work / "results" / "memory_sweep.md").read_text()
 
 
 def test_sweep_perplexity_is_fairseq_eval_lm_perplexity(chain):
