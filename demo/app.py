@@ -27,6 +27,12 @@ if __package__ in (None, ""):  # run as `python demo/app.py`: make `demo` import
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
+# Set before the imports that print them: faiss's loader reports each instruction-set module
+# it tries (the wheel dispatches at run time: get_compile_options() has AVX2 and AVX512), and
+# fairseq's speech tasks ask for tensorboardX. A user needs neither line.
+NOISY_IMPORT_LOGGERS = ("faiss.loader", "fairseq.tasks.text_to_speech")
+for _name in NOISY_IMPORT_LOGGERS:
+    logging.getLogger(_name).setLevel(logging.WARNING)
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -389,7 +395,7 @@ def main(argv=None):
     # force: an imported library may already have configured the root logger at DEBUG
     logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO,
                         force=True)
-    for noisy in ("httpx", "httpcore", "httpcore2", "faiss.loader", "asyncio"):
+    for noisy in ("httpx", "httpcore", "httpcore2", "asyncio", *NOISY_IMPORT_LOGGERS):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         samples = list_samples(args.samples)
