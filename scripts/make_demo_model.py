@@ -11,9 +11,10 @@ reused when its output exists (``--force`` redoes the training):
    ``dict.txt`` and ``spm.model``. code: the running interpreter's standard
    library, one module = one document, indentation kept (``--stdlib``); books:
    the PG-19-layout folder ``--books-dir`` (default ``../shared/data/books``);
-2. ``scripts/train_vanilla.sh``: a vanilla 6 x 256 ``transformer_lm`` (code: with
-   repeated spans mixed in, ``--task repeat_lm``, so that it learns to copy from
-   its context, which is what the memory extends);
+2. ``scripts/train_vanilla.sh``: a vanilla 6 x 256 ``transformer_lm`` that copies
+   from its context, which is what the memory extends (its two-phase recipe,
+   docs/vanilla.md); or ``--vanilla CKPT``, e.g. the committed
+   ``demo/assets/books/vanilla.pt``, fine-tuned instead of training one;
 3. ``scripts/finetune_memory.sh``: ``memorizing_transformer_lm`` from it, with a
    65K memory over whole documents (``--task document_lm``). code: memory at
    layers 0 and 3 (``--memory-layers 0,3``): layer 0's keys are close to the token
@@ -24,8 +25,10 @@ reused when its output exists (``--force`` redoes the training):
    ``dict.txt``, to ``demo/assets/CORPUS/`` (<= 25 MB).
 
 ``--checkpoint CKPT --data-bin DIR`` exports an existing fine-tune instead.
-On 2 CPU cores the code recipe (3,000 + 1,000 updates) takes about 90 minutes,
-the books recipe (700 + 200 updates) about 30.
+On 2 CPU cores the vanilla takes about 80 minutes (docs/vanilla.md), the fine-tune
+(code 1,000 updates, books 200) about 40 and 10.
+``--checkpoint CKPT --data-bin DIR --export-vanilla`` exports a vanilla as
+``ASSETS/vanilla.pt`` instead, a base model to fine-tune with ``--vanilla``.
 """
 
 import argparse
@@ -43,11 +46,11 @@ logger = logging.getLogger("make_demo_model")
 
 MAX_CHECKPOINT_BYTES = 25 * 2**20
 COPYING_MEMORY = ["--memory-query", "key", "--memory-shift-keys"]
-#: corpus -> data-bin name, vanilla updates and copying curriculum, fine-tune updates and options
+#: corpus -> data-bin name, fine-tune updates and options (the vanilla: train_vanilla.sh's recipe)
 RECIPES = {
-    "code": dict(data_bin="pycode", vanilla_updates=3000, repeat_prob="0.5", finetune_updates=1000,
+    "code": dict(data_bin="pycode", finetune_updates=1000,
                  step="memory-keyq-l03", finetune_args=COPYING_MEMORY + ["--memory-layers", "0,3"]),
-    "books": dict(data_bin="books", vanilla_updates=700, repeat_prob="0", finetune_updates=200,
+    "books": dict(data_bin="books", finetune_updates=200,
                   step="memory-keyq", finetune_args=COPYING_MEMORY),
 }
 
@@ -80,16 +83,19 @@ def build(args, recipe) -> str:
     if args.force:
         for step in ("vanilla", recipe["step"]):
             shutil.rmtree(os.path.join(work, step), ignore_errors=True)
-    run(["bash", "scripts/train_vanilla.sh", data_bin, os.path.join(work, "vanilla")],
-        MAX_UPDATE=str(args.vanilla_updates or recipe["vanilla_updates"]), REPEAT_PROB=recipe["repeat_prob"])
-    run(["bash", "scripts/finetune_memory.sh", data_bin, os.path.join(work, "vanilla", "checkpoint_last.pt"),
+    vanilla = args.vanilla
+    if vanilla is None:
+        vanilla = os.path.join(work, "vanilla", "checkpoint_last.pt")
+        run(["bash", "scripts/train_vanilla.sh", data_bin, os.path.dirname(vanilla)],
+            **({"MAX_UPDATE": str(args.vanilla_updates)} if args.vanilla_updates else {}))
+    run(["bash", "scripts/finetune_memory.sh", data_bin, vanilla,
          os.path.join(work, recipe["step"]), *recipe["finetune_args"]],
         MAX_UPDATE=str(args.finetune_updates or recipe["finetune_updates"]), MEMORY_SIZE=str(args.memory_size))
     return os.path.join(work, recipe["step"], "checkpoint_last.pt")
 
 
-def export(checkpoint: str, data_bin: str, assets: str) -> str:
-    """fp16 weights, no optimizer state, plus spm.model and dict.txt."""
+def export(checkpoint: str, data_bin: str, assets: str, name: str = "demo_model.pt") -> str:
+    """fp16 weights, no optimizer state, plus spm.model and dict.txt, as ``assets/name``."""
     import filecmp
 
     import torch
@@ -111,7 +117,7 @@ def export(checkpoint: str, data_bin: str, assets: str) -> str:
     state["cfg"]["task"]["data"] = "."  # found next to the checkpoint at load time
     state["cfg"]["checkpoint"]["finetune_from_model"] = None
     os.makedirs(assets, exist_ok=True)
-    target = os.path.join(assets, "demo_model.pt")
+    target = os.path.join(assets, name)
     torch.save(state, target)
     for name in ("spm.model", "dict.txt"):
         shutil.copy(os.path.join(data_bin, name), os.path.join(assets, name))
@@ -130,7 +136,11 @@ def main():
     parser.add_argument("--checkpoint", help="export this memorizing checkpoint instead of training one")
     parser.add_argument("--data-bin", help="the checkpoint's data-bin (dict.txt, spm.model)")
     parser.add_argument("--assets", default=None, help="output folder (default: demo/assets/CORPUS)")
-    parser.add_argument("--vanilla-updates", type=int, default=None, help="default: the corpus recipe's")
+    parser.add_argument("--vanilla", help="fine-tune this vanilla checkpoint instead of training one")
+    parser.add_argument("--export-vanilla", action="store_true",
+                        help="export --checkpoint as ASSETS/vanilla.pt (a base model to fine-tune) instead")
+    parser.add_argument("--vanilla-updates", type=int, default=None,
+                        help="context-phase updates of the vanilla (default: train_vanilla.sh's)")
     parser.add_argument("--finetune-updates", type=int, default=None, help="default: the corpus recipe's")
     parser.add_argument("--memory-size", type=int, default=65536)
     parser.add_argument("--force", action="store_true", help="retrain the vanilla and the fine-tuned model")
@@ -146,7 +156,7 @@ def main():
         checkpoint, data_bin = args.checkpoint, args.data_bin
     else:
         checkpoint, data_bin = build(args, recipe), os.path.join(REPO, "data-bin", recipe["data_bin"])
-    export(checkpoint, data_bin, assets)
+    export(checkpoint, data_bin, assets, "vanilla.pt" if args.export_vanilla else "demo_model.pt")
 
 
 if __name__ == "__main__":

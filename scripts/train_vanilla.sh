@@ -4,12 +4,12 @@
 #
 #   1. copy phase -> SAVE_DIR/copy-phase: short blocks of COPY_TOKENS_PER_SAMPLE (128)
 #      tokens, batch BATCH_SIZE (4), a fraction REPEAT_PROB (0.5) of them given a repeated
-#      span (--task repeat_lm), lr 1e-3 (inverse_sqrt, 500 warm-up), COPY_UPDATES (14000)
+#      span (--task repeat_lm), lr 1e-3 (inverse_sqrt, 500 warm-up), COPY_UPDATES (20000)
 #      updates. Induction heads appear after ~5e5 * sqrt(B * C) tokens, so a short context
 #      and a small batch bring them within reach of two CPU cores.
 #   2. context phase -> SAVE_DIR: TOKENS_PER_SAMPLE (512) blocks, plain language_modeling,
 #      from phase 1's weights with a fresh optimizer, lr LR (5e-4) decaying linearly to 0
-#      over MAX_UPDATE (2500) updates.
+#      over MAX_UPDATE (2000) updates.
 #
 # Both phases keep a checkpoint every SAVE_EVERY (1000 / 500) updates, for
 # scripts/copy_curve.py. Resumable: rerunning continues either phase where it stopped, and
@@ -24,8 +24,8 @@ source scripts/common.sh
 DATA=${1:?usage: train_vanilla.sh DATA_BIN SAVE_DIR [fairseq args]}
 SAVE=${2:?usage: train_vanilla.sh DATA_BIN SAVE_DIR [fairseq args]}
 shift 2
-COPY_UPDATES=${COPY_UPDATES:-14000}
-MAX=${MAX_UPDATE:-2500}
+COPY_UPDATES=${COPY_UPDATES:-20000}
+MAX=${MAX_UPDATE:-2000}
 COPY_DIR=$SAVE/copy-phase
 same_vocabulary "$SAVE" "$DATA"  # refused before the lock creates SAVE_DIR
 lock_save_dir "$SAVE"
