@@ -21,15 +21,12 @@ committed models to these checks; the command prints them for any checkpoint:
 import argparse
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as `python demo/checks.py`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from demo.checkpoint import DemoModel, load_demo_model  # noqa: E402
 from demo.report import build_report, token_details  # noqa: E402

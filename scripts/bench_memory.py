@@ -51,7 +51,6 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from fairseq import options, tasks  # noqa: E402
 from fairseq.data import Dictionary  # noqa: E402

@@ -18,9 +18,7 @@ import argparse
 import json
 import logging
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fairseq_memtrm.diagnostics import copy_score, load_passages  # noqa: E402
 from fairseq_memtrm.errors import MemtrmUserError  # noqa: E402

@@ -39,7 +39,6 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # run as a script from anywhere
 
 logging.basicConfig(format="%(asctime)s | %(levelname)s | make_demo_model | %(message)s", level=logging.INFO)
 logger = logging.getLogger("make_demo_model")

@@ -53,7 +53,6 @@ from typing import Dict, Iterator, List, Optional
 import sentencepiece as spm
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fairseq_memtrm.errors import MemtrmUserError  # noqa: E402
 
 logger = logging.getLogger("prepare_data")
