@@ -14,6 +14,7 @@ other's text.
 """
 
 import argparse
+import ast
 import html
 import logging
 import os
@@ -22,9 +23,6 @@ import sys
 import threading
 import uuid
 from typing import Dict, List, Optional
-
-if __package__ in (None, ""):  # run as `python demo/app.py`: make `demo` importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
 # Set before the imports that print them: faiss's loader reports each instruction-set module
@@ -51,6 +49,7 @@ STDLIB_SAMPLES = (
 SAMPLE_MODEL = {".py": "code", ".txt": "books"}
 TOKENS_PER_PAGE = 2000
 MEMORY_SIZES = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
+DEFAULT_MEMORY_SIZE = 65536  # what the committed models were fine-tuned with
 
 PAGE_JS = """
 element.addEventListener('click', (event) => {
@@ -144,6 +143,21 @@ def max_upload_bytes(max_tokens: int) -> int:
     return MAX_CHARS_PER_TOKEN * max_tokens
 
 
+CODE_LINE = re.compile(r"^\s*(def |class |import |from \S+ import |return\b|@\w|#|(if|for|while|with|elif|else|try|except)\b.*:$|[\w.]+\s*=[^=])")
+
+
+def looks_like_code(text: str) -> bool:
+    """Python source, as opposed to prose: it parses with a statement that is not a bare
+    expression, or (a cut-out piece that does not parse) 30%+ of its lines look like code."""
+    try:
+        if any(not isinstance(node, ast.Expr) for node in ast.parse(text).body):
+            return True
+    except (SyntaxError, ValueError):
+        pass
+    lines = [line for line in text.splitlines() if line.strip()]
+    return bool(lines) and sum(bool(CODE_LINE.match(line)) for line in lines) >= 0.3 * len(lines)
+
+
 class DemoApp:
     def __init__(self, models: Dict[str, DemoModel], samples: Dict[str, str], max_tokens: int = MAX_DOCUMENT_TOKENS):
         if not models:
@@ -153,6 +167,28 @@ class DemoApp:
         self.max_tokens = max_tokens
         # One lock for all models: forward passes take turns (2 CPU cores serve every session).
         self.model_lock = threading.Lock()
+
+    def model_for_text(self, text: str, current=None):
+        """The model pasted text is read with: `code` for Python source, `books` for prose
+        (where models of those names are served), else the current one."""
+        name = "code" if looks_like_code(text or "") else "books"
+        if name in self.models and (text or "").strip():
+            return name
+        return current if current in self.models else next(iter(self.models))
+
+    def on_paste(self, text, current):
+        """Typing or pasting makes the pasted text the document, with the model it suits."""
+        return "Paste", self.model_for_text(text, current)
+
+    def on_upload(self, upload, current):
+        """An upload becomes the document, read with the model named for its file type."""
+        path = upload if isinstance(upload, str) or upload is None else upload.name
+        name = SAMPLE_MODEL.get(os.path.splitext(path or "")[1])
+        return "Upload", name if name in self.models else (current if current in self.models else next(iter(self.models)))
+
+    def on_sample(self, sample, current):
+        """Choosing a sample makes it the document, with the model named for its file type."""
+        return "Sample", self.model_for_sample(sample, current)
 
     def model_for_sample(self, sample, current=None):
         """The model a sample is read with: the one named for its file type, else the current one."""
@@ -272,7 +308,16 @@ class DemoApp:
             f"{np.nanmean(report.loss_without_memory):.3f} without; memory helped "
             f"{np.mean(gain > 0):.0%} of tokens. Click a token to see its retrievals."
         )
-        loss_plot, distance_plot = self.summary_plots(report)
+        if len(report.segment_starts) < 2:  # nothing was in memory for any token: say why, show no empty plots
+            status += (
+                f"\n\n**The memory starts after the first segment** ({demo_model.segment_length} tokens): this "
+                f"text has {report.num_tokens:,}, so nothing was retrieved. Give it at least "
+                f"{demo_model.segment_length + 1 - report.num_tokens:,} more tokens (a few hundred words; "
+                "thousands to see distant retrievals)."
+            )
+            loss_plot = distance_plot = gr.update(value=None, visible=False)
+        else:
+            loss_plot, distance_plot = (gr.update(value=plot, visible=True) for plot in self.summary_plots(report))
         return (
             status, self.render_page(report, session["token_texts"], 0),
             gr.update(maximum=pages, value=1, label=f"Page (of {pages}, {TOKENS_PER_PAGE:,} tokens each)"),
@@ -337,7 +382,7 @@ class DemoApp:
                     pasted = gr.Textbox(label="Pasted text", lines=4, elem_id="pasted-text")
                     upload = gr.File(label="Upload a .txt or .py file", file_types=[".txt", ".py"], type="filepath")
                 with gr.Column(scale=1):
-                    memory_size = gr.Dropdown(MEMORY_SIZES, value=4096, label="Memory size (tokens)",
+                    memory_size = gr.Dropdown(MEMORY_SIZES, value=DEFAULT_MEMORY_SIZE, label="Memory size (tokens)",
                                               elem_id="memory-size")
                     knn_k = gr.Slider(1, 64, value=32, step=1, label="k (entries retrieved per head)",
                                       elem_id="knn-k")
@@ -367,7 +412,10 @@ class DemoApp:
                 outputs=[status, document_view, page, loss_plot, distance_plot, session],
                 concurrency_limit=4,
             )
-            sample.change(self.model_for_sample, inputs=[sample, model_choice], outputs=model_choice)
+            # the document is what the user touched last, read with the model that suits it
+            sample.input(self.on_sample, inputs=[sample, model_choice], outputs=[source, model_choice])
+            pasted.input(self.on_paste, inputs=[pasted, model_choice], outputs=[source, model_choice])
+            upload.upload(self.on_upload, inputs=[upload, model_choice], outputs=[source, model_choice])
             page.change(self.show_page, inputs=[page, session], outputs=document_view)
             document_view.click(self.select_token, inputs=[session],
                                 outputs=[token_header, retrieval_table, gate_table])

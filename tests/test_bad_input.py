@@ -70,3 +70,15 @@ def test_unknown_model_overrides_are_one_sentence(prepared_data_bin, tmp_path):
                      "--user-dir", "fairseq_memtrm", "--cpu", "--tokens-per-sample", "32", "--gen-subset", "valid",
                      "--model-overrides", "{'dropout': 0.0}", timeout=300)
     assert "Perplexity" in ok.stdout + ok.stderr
+
+
+def test_an_error_at_the_first_training_step_exits_1_every_time(prepared_data_bin):
+    """A plugin error raised mid-training (here: the memory would not fit in RAM, found
+    when the first batch allocates it) prints its sentence and exits 1, every run: the
+    process leaves without the interpreter teardown that can abort (status 134) while
+    the data loader's threads still run."""
+    for _ in range(3):
+        result, log = train(prepared_data_bin, "--memory-size", "1000000000", "--batch-size", "2", check=False)
+        assert result.returncode == 1, log[-2000:]
+        assert "Traceback" not in log and "terminate called" not in log
+        assert result.stderr.strip().splitlines()[-1].startswith("fairseq-memtrm: error: the kNN memory needs")

@@ -161,3 +161,32 @@ def test_a_book_sample_is_read_with_the_books_model(app_url):
             page.screenshot(path=str(ARTIFACTS / "demo_book.png"), full_page=True)
         finally:
             browser.close()
+
+
+def test_pasted_text_is_read_even_with_a_sample_chosen_and_a_short_one_says_why(app_url):
+    """Typing into the paste box makes it the document (the sample chosen before is not
+    read) and picks the model that suits it; a text of one segment explains itself."""
+    prose = book_document(chapters=2).replace("Balfour", "Quillfeather")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_context(viewport={"width": 1280, "height": 1600}).new_page()
+            page.goto(app_url)
+            choice = page.locator("#sample-choice input")
+            choice.click()
+            page.get_by_role("option", name=f"samples: {WORDS[0]}.py").click()
+            expect(page.get_by_role("radio", name="code")).to_be_checked()
+            page.locator("#pasted-text textarea").fill(prose)
+            expect(page.get_by_role("radio", name="Paste")).to_be_checked()
+            expect(page.get_by_role("radio", name="books")).to_be_checked()
+            page.locator("#run-button").click()
+            expect(page.locator("#status")).to_contain_text("with the books model", timeout=180_000)
+            view = page.locator("#document-view").inner_text()
+            assert "Quillfeather" in "".join(view.split()) and f"{WORDS[0]}_helper" not in view
+            page.locator("#pasted-text textarea").fill("A short note.")
+            page.locator("#run-button").click()
+            expect(page.locator("#status")).to_contain_text("The memory starts after the first segment",
+                                                            timeout=60_000)
+            expect(page.locator("#loss-plot")).to_be_hidden()
+        finally:
+            browser.close()

@@ -15,7 +15,8 @@ from fairseq import options, tasks
 from fairseq.data import Dictionary
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
-from demo.app import DemoApp, gain_colour, list_samples, max_upload_bytes, parse_checkpoint_args, read_text_file
+from demo.app import (DemoApp, gain_colour, list_samples, looks_like_code, max_upload_bytes, parse_checkpoint_args,
+                      read_text_file)
 from demo.checkpoint import DEMO_CHECKPOINT, DEMO_CHECKPOINTS, load_demo_model
 from demo.checks import FAR_CALLS, far_call_retrievals, name_pieces_last_seen_far_back, name_recall
 from demo.checks import main as checks_main
@@ -232,6 +233,33 @@ def test_checkpoint_arguments_and_the_model_a_sample_gets(tmp_path):
     assert both.model_for_sample("stdlib: heapq.py", "books") == "code"
     assert both.model_for_sample(None, "books") == "books"  # no sample: the user's choice stands
     assert DemoApp({"mine": None}, samples).model_for_sample("samples: kidnapped.txt", "mine") == "mine"
+
+
+def test_the_document_is_what_was_touched_last_with_the_model_it_suits():
+    prose = "It was a bright cold day in April, and the clocks were striking thirteen.\nWinston Smith hurried."
+    code = "def area(r):\n    return 3.14 * r * r\n\nprint(area(2))\n"
+    cut_out = "        if x:\n            y = f(x)\n        return y\n"  # indented: does not parse alone
+    assert looks_like_code(code) and looks_like_code(cut_out) and looks_like_code(open(os.__file__).read())
+    assert not looks_like_code(prose) and not looks_like_code("Hello") and not looks_like_code("")
+    assert not looks_like_code(open(Path(__file__).parents[1] / "docs" / "vanilla.md").read())
+    both = DemoApp({"code": None, "books": None}, {"stdlib: heapq.py": "/lib/heapq.py"})
+    assert both.on_paste(prose, "code") == ("Paste", "books")
+    assert both.on_paste(code, "books") == ("Paste", "code")
+    assert both.on_upload("/tmp/notes.txt", "code") == ("Upload", "books")
+    assert both.on_upload("/tmp/x.py", "books") == ("Upload", "code")
+    assert both.on_sample("stdlib: heapq.py", "books") == ("Sample", "code")
+    assert DemoApp({"mine": None}, {}).on_paste(prose, "mine") == ("Paste", "mine")  # only one model
+
+
+def test_a_text_of_one_segment_says_why_nothing_was_retrieved():
+    app = DemoApp({"code": load_demo_model(DEMO_CHECKPOINT, cpu=True, segment_length=64)}, {}, max_tokens=2000)
+    status, view, _, loss_plot, distance_plot, session = app.run(
+        "code", "Paste", None, "x = 1\ny = 2\n", None, 1024, 8, {}, None, progress=lambda *a, **k: None)
+    assert "The memory starts after the first segment** (64 tokens)" in status
+    assert loss_plot["visible"] is False and distance_plot["visible"] is False
+    status, *_, loss_plot, distance_plot, session = app.run(
+        "code", "Paste", None, "x = 1\ny = 2\n" * 40, None, 1024, 8, {}, None, progress=lambda *a, **k: None)
+    assert "memory starts after" not in status and loss_plot["visible"] is True
 
 
 def test_a_checkpoint_folders_own_tokenizer_comes_first(tmp_path):
