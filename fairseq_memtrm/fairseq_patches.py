@@ -27,6 +27,7 @@ The scripts (scripts/common.sh) also repair a broken ``checkpoint_last.pt`` left
 run without the plugin (stock fairseq), before they train.
 """
 
+import multiprocessing
 import os
 import sys
 
@@ -55,7 +56,13 @@ def _call_main(cfg, main, **kwargs):
         sys.stdout.flush()
         # Not SystemExit: the interpreter's teardown would then run with the data loader's
         # and the thread pools' threads still alive, which can abort ("terminate called
-        # without an active exception", status 134) after the sentence was printed.
+        # without an active exception", status 134) after the sentence was printed. The
+        # data loader's worker processes go first, or they print tracebacks of their own.
+        workers = multiprocessing.active_children()
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.join(timeout=10)
         os._exit(error.exit_status)
 
 
