@@ -414,7 +414,7 @@ class DemoApp:
             )
             # the document is what the user touched last, read with the model that suits it
             sample.input(self.on_sample, inputs=[sample, model_choice], outputs=[source, model_choice])
-            pasted.input(self.on_paste, inputs=[pasted, model_choice], outputs=[source, model_choice])
+            pasted.change(self.on_paste, inputs=[pasted, model_choice], outputs=[source, model_choice])
             upload.upload(self.on_upload, inputs=[upload, model_choice], outputs=[source, model_choice])
             page.change(self.show_page, inputs=[page, session], outputs=document_view)
             document_view.click(self.select_token, inputs=[session],
