@@ -143,7 +143,8 @@ def max_upload_bytes(max_tokens: int) -> int:
     return MAX_CHARS_PER_TOKEN * max_tokens
 
 
-CODE_LINE = re.compile(r"^\s*(def |class |import |from \S+ import |return\b|@\w|#|(if|for|while|with|elif|else|try|except)\b.*:$|[\w.]+\s*=[^=])")
+CODE_LINE = re.compile(r"^\s*(def |class |import |from \S+ import |return\b|@\w|#"
+                       r"|(if|for|while|with|elif|else|try|except)\b.*:$|[\w.]+\s*=[^=])")
 
 
 def looks_like_code(text: str) -> bool:
@@ -171,10 +172,9 @@ class DemoApp:
     def model_for_text(self, text: str, current=None):
         """The model pasted text is read with: `code` for Python source, `books` for prose
         (where models of those names are served), else the current one."""
-        name = "code" if looks_like_code(text or "") else "books"
-        if name in self.models and (text or "").strip():
-            return name
-        return current if current in self.models else next(iter(self.models))
+        if not (text or "").strip():
+            return self.model_named(None, current)
+        return self.model_named("code" if looks_like_code(text) else "books", current)
 
     def on_paste(self, text, current):
         """Typing or pasting makes the pasted text the document, with the model it suits."""
@@ -183,8 +183,7 @@ class DemoApp:
     def on_upload(self, upload, current):
         """An upload becomes the document, read with the model named for its file type."""
         path = upload if isinstance(upload, str) or upload is None else upload.name
-        name = SAMPLE_MODEL.get(os.path.splitext(path or "")[1])
-        return "Upload", name if name in self.models else (current if current in self.models else next(iter(self.models)))
+        return "Upload", self.model_named(SAMPLE_MODEL.get(os.path.splitext(path or "")[1]), current)
 
     def on_sample(self, sample, current):
         """Choosing a sample makes it the document, with the model named for its file type."""
@@ -192,7 +191,10 @@ class DemoApp:
 
     def model_for_sample(self, sample, current=None):
         """The model a sample is read with: the one named for its file type, else the current one."""
-        name = SAMPLE_MODEL.get(os.path.splitext(self.samples.get(sample, ""))[1])
+        return self.model_named(SAMPLE_MODEL.get(os.path.splitext(self.samples.get(sample, ""))[1]), current)
+
+    def model_named(self, name, current=None):
+        """``name`` where that model is served, else the current one, else the first."""
         if name in self.models:
             return name
         return current if current in self.models else next(iter(self.models))
