@@ -348,7 +348,7 @@ def main(argv=None):
         plan.append(("control", args.control_checkpoint, 0))
     if args.vanilla_checkpoint:
         plan.append(("vanilla", args.vanilla_checkpoint, None))
-    runs, scored_by_size, dictionary, vanilla_copy, planted = [], {}, None, None, False
+    runs, scored_by_size, dictionary, vanilla_copy, planted = [], {}, None, None, None
     for name, checkpoint, size in plan:
         overrides = {"memory_size": size} if size is not None else {}
         if name == "longmem" and args.longmem_backbone:
@@ -366,7 +366,7 @@ def main(argv=None):
                     args.far_position, row["ppl_past_far_position"], row["tokens"])
         if name == "vanilla":
             vanilla_copy = vanilla_copy_score(model, task, args)
-        if planted is False:  # built once, from the first run's task
+        if not runs:  # built once, from the first run's task
             planted = planted_documents(task, args)
         if planted is not None:
             row["planted_passage"] = {k: round(v, 4) for k, v in planted_passage_loss(
@@ -389,7 +389,7 @@ def main(argv=None):
         "runs": runs,
         "vanilla_copy_score": vanilla_copy,
     }
-    if planted is not None and planted is not False:
+    if planted is not None:
         report["planted_passage"] = {"documents": planted.size(0), "at": args.probe_at, "gap": args.probe_gap,
                                      "length": args.probe_length}
     with_memory = [s for s in sizes if s > 0]
