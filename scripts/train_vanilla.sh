@@ -4,12 +4,13 @@
 #
 #   1. copy phase -> SAVE_DIR/copy-phase: short blocks of COPY_TOKENS_PER_SAMPLE (128)
 #      tokens, batch BATCH_SIZE (4), a fraction REPEAT_PROB (0.5) of them given a repeated
-#      span (--task repeat_lm), lr 1e-3 (inverse_sqrt, 500 warm-up), COPY_UPDATES (20000)
+#      span (--task repeat_lm), lr 1e-3 (inverse_sqrt, 500 warm-up), COPY_UPDATES (30000)
 #      updates. Induction heads appear after ~5e5 * sqrt(B * C) tokens, so a short context
 #      and a small batch bring them within reach of two CPU cores.
-#   2. context phase -> SAVE_DIR: TOKENS_PER_SAMPLE (512) blocks, plain language_modeling,
-#      from phase 1's weights with a fresh optimizer, lr LR (5e-4) decaying linearly to 0
-#      over MAX_UPDATE (2000) updates.
+#   2. context phase -> SAVE_DIR: TOKENS_PER_SAMPLE (512) blocks, from phase 1's weights
+#      with a fresh optimizer, lr LR (3e-4) decaying linearly to 0 over MAX_UPDATE (2000)
+#      updates; a fraction CONTEXT_REPEAT_PROB (0.5) of the blocks still get a repeated span
+#      (8-128 tokens), without which plain language modelling trains the copying away.
 #
 # Both phases keep a checkpoint every SAVE_EVERY (1000 / 500) updates, for
 # scripts/copy_curve.py. Resumable: rerunning continues either phase where it stopped, and
@@ -17,14 +18,14 @@
 #
 #   scripts/train_vanilla.sh DATA_BIN SAVE_DIR [extra fairseq-train args, both phases]
 #   env: COPY_UPDATES, COPY_TOKENS_PER_SAMPLE, REPEAT_PROB, COPY_LR (1e-3), MAX_UPDATE, LR,
-#        DROPOUT (0: the books run reads each token about once), TOKENS_PER_SAMPLE, BATCH_SIZE, SEED
+#        CONTEXT_REPEAT_PROB (0: plain language_modeling in phase 2), DROPOUT (0: the books run reads each token about once), TOKENS_PER_SAMPLE, BATCH_SIZE, SEED
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
 DATA=${1:?usage: train_vanilla.sh DATA_BIN SAVE_DIR [fairseq args]}
 SAVE=${2:?usage: train_vanilla.sh DATA_BIN SAVE_DIR [fairseq args]}
 shift 2
-COPY_UPDATES=${COPY_UPDATES:-20000}
+COPY_UPDATES=${COPY_UPDATES:-30000}
 MAX=${MAX_UPDATE:-2000}
 COPY_DIR=$SAVE/copy-phase
 same_vocabulary "$SAVE" "$DATA"  # refused before the lock creates SAVE_DIR
@@ -65,8 +66,15 @@ else
     FROM=()
 fi
 
+if [ "${CONTEXT_REPEAT_PROB:-0.5}" = 0 ]; then
+    CONTEXT_TASK=(--task language_modeling)
+else
+    CONTEXT_TASK=()
+    [ "${FROM[0]:-}" = --user-dir ] || CONTEXT_TASK=(--user-dir fairseq_memtrm)
+    CONTEXT_TASK+=(--task repeat_lm --repeat-prob "${CONTEXT_REPEAT_PROB:-0.5}" --repeat-min-len 8 --repeat-max-len 128)
+fi
 stop_if_trained "$SAVE" "$MAX"
 echo "train_vanilla.sh: context phase, $MAX updates -> $SAVE"
-train_phase "$SAVE" --task language_modeling --tokens-per-sample "$TOKENS_PER_SAMPLE" "${FROM[@]}" \
-    --lr "${LR:-5e-4}" --lr-scheduler polynomial_decay --total-num-update "$MAX" --end-learning-rate 0 \
+train_phase "$SAVE" "${CONTEXT_TASK[@]}" --tokens-per-sample "$TOKENS_PER_SAMPLE" "${FROM[@]}" \
+    --lr "${LR:-3e-4}" --lr-scheduler polynomial_decay --total-num-update "$MAX" --end-learning-rate 0 \
     --warmup-updates "${WARMUP:-200}" --max-update "$MAX" --save-interval-updates "${SAVE_EVERY:-500}" "$@"
