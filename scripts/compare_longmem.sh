@@ -56,7 +56,7 @@ for M in ${TRAIN_MEMORIES:-8192 65536}; do
         --tokens-per-sample "$TOKENS_PER_SAMPLE" --batch-size "${EVAL_BATCH_SIZE:-4}" \
         --title "$NAME: memory $M" --out "$OUT/compare-$M" --log-format simple "${CPU_FLAG[@]}"
     if [ "${STALENESS:-1}" = 1 ]; then
-        timed "staleness-memory-$M" staleness "$OUT/staleness-memory-$M.json" \
+        timed "staleness-memory-$M" staleness "$OUT/staleness-paper-memory-$M.json" \
             --arch memorizing_transformer_lm "${SHAPE[@]}" --dropout 0.1 --memory-size "$M" --knn-k "${KNN_K:-32}" \
             --finetune-from-model "$VANILLA"
         timed "staleness-longmem-$M" staleness "$OUT/staleness-longmem-$M.json" \
@@ -74,8 +74,8 @@ lines = ["| memory | model | trained params | ppl | ppl far | gate (mean) | stal
 for size in sizes:
     report = json.loads((out / f"compare-{size}" / "memory_sweep.json").read_text())
     for row in report["runs"]:
-        name = {"memory": "Memorizing fine-tune", "longmem": "LongMem SideNet", "vanilla": "vanilla"}[row["name"]]
-        trained = {"memory": "all", "longmem": "SideNet only", "vanilla": "-"}[row["name"]]
+        name = {"paper-memory": "Memorizing fine-tune", "longmem": "LongMem SideNet", "vanilla": "vanilla"}[row["name"]]
+        trained = {"paper-memory": "all", "longmem": "SideNet only", "vanilla": "-"}[row["name"]]
         gates = [g for layer in row["gates"].values() for g in layer]
         stale = out / f"staleness-{row['name']}-{size}.json"
         staleness = "-"

@@ -14,7 +14,7 @@ score of ``fairseq_memtrm.diagnostics`` on passages of the valid split, and writ
 Tokens seen count every update of every earlier folder:
 ``updates x batch size x tokens per sample x update freq x world size`` from each
 checkpoint's own config. Scores are cached in ``OUT.json``: rerunning scores only the
-new checkpoints.
+new checkpoints (and those written since they were scored).
 
     python scripts/copy_curve.py DATA_BIN RUN/copy-phase RUN --out results/books/copy_curve
 """
@@ -85,14 +85,16 @@ def main():
         per_update = 0
         for updates, path in checkpoints:
             row = cache.get((name, updates))
-            if row is None or row.get("span") != args.span or row.get("passages") != args.count:
+            stamp = int(os.path.getmtime(path))
+            if (row is None or row.get("span") != args.span or row.get("passages") != args.count
+                    or row.get("mtime", stamp) != stamp):  # a folder trained anew: score it anew
                 models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(
                     [path], arg_overrides={"data": args.data_bin})
                 model = models[0].eval()
                 if passages is None:
                     passages = load_passages(args.data_bin, args.split, task.source_dictionary, args.count, args.span)
                 per_update = tokens_per_update(cfg)
-                row = {"folder": name, "updates": updates, "span": args.span, "passages": args.count,
+                row = {"folder": name, "updates": updates, "mtime": stamp, "span": args.span, "passages": args.count,
                        "tokens_per_update": per_update,
                        **{k: round(v, 4) for k, v in copy_score(model, passages).items()}}
                 if model.max_positions() >= 512:

@@ -27,6 +27,7 @@ Example::
 """
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -43,12 +44,18 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 from fairseq import checkpoint_utils, options, progress_bar, tasks, utils  # noqa: E402
+from fairseq.data import Dictionary  # noqa: E402
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
 
 from fairseq_memtrm.diagnostics import copy_score, load_passages, plant_passage, planted_passage_loss  # noqa: E402
 from fairseq_memtrm.errors import MemtrmUserError  # noqa: E402
 
 logger = logging.getLogger("eval_memory_sweep")
+
+# The runs that read a memory, swept over every --memory-sizes; the others run once.
+MEMORY_RUNS = ("paper-memory", "copying-memory", "longmem")
+LABELS = {"paper-memory": "memorizing fine-tune (paper's options)",
+          "copying-memory": "memorizing fine-tune (copying options)", "longmem": "LongMem SideNet"}
 
 
 def load(checkpoint, data, subset, tokens_per_sample, batch_size, overrides, cpu):
@@ -241,6 +248,47 @@ def biggest_gains(without, with_memory, dictionary, top=25, min_count=5):
              "mean_gain_nats": round(totals[t] / counts[t], 3)} for t in ranked]
 
 
+class RunCache:
+    """Each finished run's row and per-token losses under ``OUT/cache``, so that a sweep
+    killed after hours resumes at its first unfinished run. A run is found again only for
+    the same checkpoint file (path and modification time), memory size, overrides and
+    evaluation settings; files are written whole (temporary name, then rename)."""
+
+    SETTINGS = ("data", "subset", "tokens_per_sample", "batch_size", "far_position", "probe_gap", "probe_at",
+                "probe_length")
+
+    def __init__(self, folder: Path, args):
+        self.folder = folder
+        self.settings = {key: getattr(args, key) for key in self.SETTINGS}
+
+    def _key(self, name, checkpoint, size, overrides) -> str:
+        stamp = os.path.getmtime(checkpoint) if os.path.isfile(checkpoint) else None
+        blob = json.dumps([name, os.path.abspath(checkpoint), stamp, size, overrides, self.settings], sort_keys=True)
+        return f"{name}-{size}-{hashlib.sha1(blob.encode()).hexdigest()[:12]}"
+
+    def get(self, name, checkpoint, size, overrides):
+        key = self._key(name, checkpoint, size, overrides)
+        row_file, scored_file = self.folder / f"{key}.json", self.folder / f"{key}.npz"
+        if not (row_file.is_file() and scored_file.is_file()):
+            return None
+        with np.load(scored_file) as arrays:
+            scored = {k: arrays[k] for k in arrays.files}
+        return json.loads(row_file.read_text()), scored
+
+    def put(self, name, checkpoint, size, overrides, row, scored, extra):
+        """``extra``: what the report needs besides the row (keys with None values are dropped)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        key = self._key(name, checkpoint, size, overrides)
+        arrays = {k: v for k, v in scored.items() if isinstance(v, np.ndarray)}
+        tmp = self.folder / f"{key}.tmp.npz"
+        np.savez(tmp, **arrays)
+        os.replace(tmp, self.folder / f"{key}.npz")
+        saved = dict(row, **{k: v for k, v in extra.items() if v is not None})
+        tmp = self.folder / f"{key}.json.tmp"
+        tmp.write_text(json.dumps(saved))
+        os.replace(tmp, self.folder / f"{key}.json")
+
+
 def write_outputs(out, report):
     out.mkdir(parents=True, exist_ok=True)
     (out / "memory_sweep.json").write_text(json.dumps(report, indent=2))
@@ -286,17 +334,15 @@ def write_outputs(out, report):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sweep = [r for r in report["runs"] if r["name"] == "memory" and r["memory_size"] > 0]
     fig, ax = plt.subplots(figsize=(6, 4))
-    if sweep:
-        ax.plot([r["memory_size"] for r in sweep], [r["ppl"] for r in sweep], "o-", label="memorizing fine-tune")
-        ax.set_xscale("log", base=2)
-    longmem = [r for r in report["runs"] if r["name"] == "longmem" and r["memory_size"] > 0]
-    if longmem:
-        ax.plot([r["memory_size"] for r in longmem], [r["ppl"] for r in longmem], "s-", label="LongMem SideNet")
-        ax.set_xscale("log", base=2)
-    baselines = [r for r in report["runs"] if r["name"] not in ("memory", "longmem") or r["memory_size"] == 0]
-    for colour, row in enumerate(baselines, start=2):  # C0, C1: the sweeps' lines
+    for colour, name in enumerate(MEMORY_RUNS):
+        sweep = [r for r in report["runs"] if r["name"] == name and r["memory_size"] > 0]
+        if sweep:
+            ax.plot([r["memory_size"] for r in sweep], [r["ppl"] for r in sweep], "os^"[colour] + "-",
+                    color=f"C{colour}", label=LABELS[name])
+            ax.set_xscale("log", base=2)
+    baselines = [r for r in report["runs"] if r["name"] not in MEMORY_RUNS or r["memory_size"] == 0]
+    for colour, row in enumerate(baselines, start=len(MEMORY_RUNS)):  # C0-C2: the sweeps' lines
         ax.axhline(row["ppl"], linestyle="--", linewidth=1, color=f"C{colour}",
                    label=f"{row['name']} (memory {row['memory_size']})")
     ax.set_xlabel("evaluation memory size (tokens, log scale)")
@@ -311,7 +357,10 @@ def write_outputs(out, report):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("data", help="data-bin folder (scripts/prepare_data.py)")
-    parser.add_argument("--memory-checkpoint", required=True, help="memorizing fine-tune checkpoint")
+    parser.add_argument("--memory-checkpoint", required=True,
+                        help="memorizing fine-tune with the paper's options (run 'paper-memory')")
+    parser.add_argument("--copying-memory-checkpoint",
+                        help="memorizing fine-tune with --memory-query key --memory-shift-keys (run 'copying-memory')")
     parser.add_argument("--control-checkpoint", help="same updates without memory (memory size 0)")
     parser.add_argument("--vanilla-checkpoint", help="the transformer_lm checkpoint both started from")
     parser.add_argument("--longmem-checkpoint",
@@ -341,22 +390,34 @@ def main(argv=None):
     except ValueError:
         raise MemtrmUserError(f"--memory-sizes expects comma-separated integers, got {args.memory_sizes!r}")
 
-    plan = [("memory", args.memory_checkpoint, size) for size in sizes]
+    plan = [("paper-memory", args.memory_checkpoint, size) for size in sizes]
+    if args.copying_memory_checkpoint:
+        plan += [("copying-memory", args.copying_memory_checkpoint, size) for size in sizes]
     if args.longmem_checkpoint:
         plan += [("longmem", args.longmem_checkpoint, size) for size in sizes]
     if args.control_checkpoint:
         plan.append(("control", args.control_checkpoint, 0))
     if args.vanilla_checkpoint:
         plan.append(("vanilla", args.vanilla_checkpoint, None))
-    runs, scored_by_size, dictionary, vanilla_copy, planted = [], {}, None, None, None
+    runs, scored_by_size, vanilla_copy, planted, planted_built, planted_count = [], {}, None, None, False, None
+    cache = RunCache(Path(args.out) / "cache", args)
     for name, checkpoint, size in plan:
         overrides = {"memory_size": size} if size is not None else {}
         if name == "longmem" and args.longmem_backbone:
             overrides["backbone_checkpoint"] = os.path.abspath(args.longmem_backbone)
+        cached = cache.get(name, checkpoint, size, overrides)
+        if cached is not None:
+            row, scored = cached
+            logger.info("%s memory %s: ppl %.3f (cached in %s)", name, size, row["ppl"], cache.folder)
+            vanilla_copy = row.pop("vanilla_copy_score", vanilla_copy)
+            planted_count = row.pop("planted_documents", planted_count)
+            runs.append(row)
+            if name == "paper-memory":
+                scored_by_size[size] = scored
+            continue
         logger.info("evaluating %s (%s) with memory size %s", name, checkpoint, size)
         model, task = load(checkpoint, args.data, args.subset, args.tokens_per_sample, args.batch_size,
                            overrides, args.cpu)
-        dictionary = task.target_dictionary
         start = time.perf_counter()
         scored = score(model, task, args.subset, args.tokens_per_sample, args.batch_size, args.far_position,
                        args.log_format)
@@ -366,14 +427,18 @@ def main(argv=None):
                     args.far_position, row["ppl_past_far_position"], row["tokens"])
         if name == "vanilla":
             vanilla_copy = vanilla_copy_score(model, task, args)
-        if not runs:  # built once, from the first run's task
-            planted = planted_documents(task, args)
+        if not planted_built:  # built once, from the first evaluated run's task
+            planted, planted_built = planted_documents(task, args), True
+            planted_count = planted.size(0) if planted is not None else None
         if planted is not None:
             row["planted_passage"] = {k: round(v, 4) for k, v in planted_passage_loss(
                 model, planted, args.probe_at, args.probe_gap, args.probe_length, args.tokens_per_sample).items()}
             logger.info("%s memory %s: planted passage %s", name, size, row["planted_passage"])
         runs.append(row)
-        if name == "memory":
+        cache.put(name, checkpoint, size, overrides, row, scored,
+                  {"vanilla_copy_score": vanilla_copy if name == "vanilla" else None,
+                   "planted_documents": planted_count})
+        if name == "paper-memory":
             scored_by_size[size] = scored
         del model
 
@@ -389,14 +454,16 @@ def main(argv=None):
         "runs": runs,
         "vanilla_copy_score": vanilla_copy,
     }
-    if planted is not None:
-        report["planted_passage"] = {"documents": planted.size(0), "at": args.probe_at, "gap": args.probe_gap,
+    if planted_count is not None:
+        report["planted_passage"] = {"documents": planted_count, "at": args.probe_at, "gap": args.probe_gap,
                                      "length": args.probe_length}
     with_memory = [s for s in sizes if s > 0]
     if 0 in scored_by_size and with_memory:
         largest = max(with_memory)
         report["gains_between"] = f"memory 0 vs memory {largest}"
-        report["biggest_gains"] = biggest_gains(scored_by_size[0], scored_by_size[largest], dictionary)
+        if largest in scored_by_size:
+            dictionary = Dictionary.load(os.path.join(args.data, "dict.txt"))
+            report["biggest_gains"] = biggest_gains(scored_by_size[0], scored_by_size[largest], dictionary)
     write_outputs(Path(args.out), report)
     print((Path(args.out) / "memory_sweep.md").read_text())
 

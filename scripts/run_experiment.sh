@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# The whole fine-tuning experiment on one corpus, each step resumable/idempotent:
-#   1. vanilla transformer_lm              -> checkpoints/NAME/vanilla
-#   2. memorizing fine-tune (65K memory)   -> checkpoints/NAME/memory
-#   3. control: same updates, memory 0     -> checkpoints/NAME/control
-#   4. sweep of evaluation memory sizes    -> results/NAME/memory_sweep.{json,md,png}
-# Each step's wall time is appended to results/NAME/timings.tsv.
+# The whole comparison on one corpus, each step resumable/idempotent:
+#   1. vanilla transformer_lm (scripts/train_vanilla.sh)   -> checkpoints/NAME/vanilla
+#   2. memorizing fine-tune, the paper's options (65K)     -> checkpoints/NAME/memory
+#   3. control: same updates, memory 0                     -> checkpoints/NAME/control
+#   4. memorizing fine-tune, copying options (65K)         -> checkpoints/NAME/copying-memory
+#   5. LongMem SideNet over the frozen vanilla (65K)        -> checkpoints/NAME/longmem
+#   6. sweep of evaluation memory sizes    -> results/NAME/memory_sweep.{json,md,png}
+#      (runs vanilla, control, paper-memory, copying-memory, longmem; a killed sweep
+#      resumes from results/NAME/cache)
+# Each step's wall time is appended to results/NAME/timings.tsv. STEPS picks a subset
+# (e.g. STEPS="vanilla memory control sweep").
 #
 #   scripts/run_experiment.sh NAME TRAIN_DATA_BIN EVAL_DATA_BIN
-#   env: as train_vanilla.sh / finetune_memory.sh, plus VANILLA_UPDATES (1500),
-#        FINETUNE_UPDATES (400), TRAIN_MEMORY (65536), SWEEP_SIZES, EVAL_BATCH_SIZE (4)
+#   env: as train_vanilla.sh / finetune_memory.sh, plus FINETUNE_UPDATES (400),
+#        TRAIN_MEMORY (65536), SWEEP_SIZES, SWEEP_SUBSET (test), EVAL_BATCH_SIZE (4), STEPS
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
@@ -26,15 +31,25 @@ timed() {  # timed STEP command...: run, append "STEP seconds updates" to timing
     printf '%s\t%s\n' "$step" "$(( $(date +%s) - start ))" >> "$OUT/timings.tsv"
 }
 
-timed vanilla env MAX_UPDATE="${VANILLA_UPDATES:-1500}" scripts/train_vanilla.sh "$DATA" "$CKPT/vanilla"
-timed memory env MAX_UPDATE="${FINETUNE_UPDATES:-400}" MEMORY_SIZE="${TRAIN_MEMORY:-65536}" \
-    scripts/finetune_memory.sh "$DATA" "$CKPT/vanilla/checkpoint_last.pt" "$CKPT/memory"
-timed control env MAX_UPDATE="${FINETUNE_UPDATES:-400}" MEMORY_SIZE=0 \
-    scripts/finetune_memory.sh "$DATA" "$CKPT/vanilla/checkpoint_last.pt" "$CKPT/control"
-timed sweep "$BIN/python" scripts/eval_memory_sweep.py "$EVAL" \
-    --memory-checkpoint "$CKPT/memory/checkpoint_last.pt" \
-    --control-checkpoint "$CKPT/control/checkpoint_last.pt" \
-    --vanilla-checkpoint "$CKPT/vanilla/checkpoint_last.pt" \
-    --memory-sizes "${SWEEP_SIZES:-0,1536,8192,32768,65536,262144}" \
-    --tokens-per-sample "$TOKENS_PER_SAMPLE" --batch-size "${EVAL_BATCH_SIZE:-4}" \
-    --title "$NAME: perplexity vs evaluation memory size" --out "$OUT" --log-format simple "${CPU_FLAG[@]}"
+STEPS=" ${STEPS:-vanilla memory control copying-memory longmem sweep} "
+step() { [[ "$STEPS" == *" $1 "* ]]; }
+VANILLA=$CKPT/vanilla/checkpoint_last.pt
+FINETUNE=(env MAX_UPDATE="${FINETUNE_UPDATES:-400}" MEMORY_SIZE="${TRAIN_MEMORY:-65536}")
+
+step vanilla && timed vanilla scripts/train_vanilla.sh "$DATA" "$CKPT/vanilla"
+step memory && timed memory "${FINETUNE[@]}" scripts/finetune_memory.sh "$DATA" "$VANILLA" "$CKPT/memory"
+step control && timed control "${FINETUNE[@]}" MEMORY_SIZE=0 scripts/finetune_memory.sh "$DATA" "$VANILLA" "$CKPT/control"
+step copying-memory && timed copying-memory "${FINETUNE[@]}" scripts/finetune_memory.sh "$DATA" "$VANILLA" \
+    "$CKPT/copying-memory" --memory-query key --memory-shift-keys
+step longmem && timed longmem "${FINETUNE[@]}" scripts/finetune_longmem.sh "$DATA" "$VANILLA" "$CKPT/longmem"
+if step sweep; then
+    SWEEP_RUNS=()
+    for run in control copying-memory longmem; do
+        [ -f "$CKPT/$run/checkpoint_last.pt" ] && SWEEP_RUNS+=("--$run-checkpoint" "$CKPT/$run/checkpoint_last.pt")
+    done
+    timed sweep "$BIN/python" scripts/eval_memory_sweep.py "$EVAL" \
+        --memory-checkpoint "$CKPT/memory/checkpoint_last.pt" --vanilla-checkpoint "$VANILLA" "${SWEEP_RUNS[@]}" \
+        --memory-sizes "${SWEEP_SIZES:-0,1536,8192,32768,65536,262144}" --subset "${SWEEP_SUBSET:-test}" \
+        --tokens-per-sample "$TOKENS_PER_SAMPLE" --batch-size "${EVAL_BATCH_SIZE:-4}" \
+        --title "$NAME: perplexity vs evaluation memory size" --out "$OUT" --log-format simple "${CPU_FLAG[@]}"
+fi

@@ -36,12 +36,19 @@ def chain(tmp_path_factory):
     assert "nothing to train" in again and vanilla.read_bytes() == trained
     run("bash", "scripts/finetune_memory.sh", data, vanilla, work / "memory", env={**ENV, "MEMORY_SIZE": "1024"})
     run("bash", "scripts/finetune_memory.sh", data, vanilla, work / "control", env={**ENV, "MEMORY_SIZE": "0"})
-    out = run(BIN / "python", "scripts/eval_memory_sweep.py", data, "--memory-checkpoint",
-              work / "memory" / "checkpoint_last.pt", "--control-checkpoint", work / "control" / "checkpoint_last.pt",
-              "--vanilla-checkpoint", vanilla, "--memory-sizes", "0,256", "--tokens-per-sample", "64",
-              "--batch-size", "2", "--far-position", "256", "--probe-gap", "300", "--probe-at", "20",
-              "--probe-length", "8", "--out", work / "results", "--cpu", "--log-format", "none")
+    run("bash", "scripts/finetune_memory.sh", data, vanilla, work / "copying", "--memory-query", "key",
+        "--memory-shift-keys", env={**ENV, "MEMORY_SIZE": "1024"})
+    out = run(*SWEEP(work))
     return work, out
+
+
+def SWEEP(work):
+    return (BIN / "python", "scripts/eval_memory_sweep.py", work / "code", "--memory-checkpoint",
+            work / "memory" / "checkpoint_last.pt", "--copying-memory-checkpoint", work / "copying" / "checkpoint_last.pt",
+            "--control-checkpoint", work / "control" / "checkpoint_last.pt",
+            "--vanilla-checkpoint", work / "vanilla" / "checkpoint_last.pt", "--memory-sizes", "0,256",
+            "--tokens-per-sample", "64", "--batch-size", "2", "--far-position", "256", "--probe-gap", "300",
+            "--probe-at", "20", "--probe-length", "8", "--out", work / "results", "--cpu", "--log-format", "none")
 
 
 def test_checkpoint_folders_keep_their_vocabulary_and_refuse_another(chain, tmp_path):
@@ -74,38 +81,54 @@ def test_sweep_report_has_every_run_with_finite_numbers(chain):
     work, _ = chain
     report = json.loads((work / "results" / "memory_sweep.json").read_text())
     runs = {(r["name"], r["memory_size"]): r for r in report["runs"]}
-    assert set(runs) == {("memory", 0), ("memory", 256), ("control", 0), ("vanilla", 0)}
+    assert set(runs) == {("paper-memory", 0), ("paper-memory", 256), ("copying-memory", 0), ("copying-memory", 256),
+                         ("control", 0), ("vanilla", 0)}
     tokens = {r["tokens"] for r in report["runs"]}
     assert len(tokens) == 1 and tokens.pop() > 1000  # every run scores the same tokens
     for row in report["runs"]:
         assert math.isfinite(row["ppl"]) and row["ppl"] > 1
         assert row["ppl_past_far_position"] is None or math.isfinite(row["ppl_past_far_position"])
         assert row["tokens_per_second"] > 0
-    assert len(runs[("memory", 256)]["gates"]["3"]) == 4  # layer 3 of 6, 4 heads
+    assert len(runs[("paper-memory", 256)]["gates"]["3"]) == 4  # layer 3 of 6, 4 heads
     assert runs[("vanilla", 0)]["gates"] == {} and runs[("control", 0)]["gates"] == {}
-    assert 0 < runs[("memory", 256)]["retrieval"]["mean_top1_distance"]
-    assert runs[("memory", 0)]["ppl"] != runs[("memory", 256)]["ppl"]
+    assert 0 < runs[("paper-memory", 256)]["retrieval"]["mean_top1_distance"]
+    assert runs[("paper-memory", 0)]["ppl"] != runs[("paper-memory", 256)]["ppl"]
     assert report["biggest_gains"] and "token" in report["biggest_gains"][0]
     copy = report["vanilla_copy_score"]  # 16 passages of 32 tokens (half a 64-token segment)
     assert copy["span"] == 32 and math.isfinite(copy["copy_gain"]) and copy["first_copy_loss"] > 0
     assert (work / "results" / "memory_sweep.png").stat().st_size > 10_000
-    assert "| memory | 256 |" in (work / "results" / "memory_sweep.md").read_text()
+    assert "| paper-memory | 256 |" in (work / "results" / "memory_sweep.md").read_text()
     probe = report["planted_passage"]  # every test document holds a passage at 20 and at 320
     assert probe == {"documents": 3, "at": 20, "gap": 300, "length": 8}
     for row in report["runs"]:
         losses = row["planted_passage"]
         assert math.isfinite(losses["first_copy_loss"]) and math.isfinite(losses["second_copy_loss"])
     # without memory, a copy 300 tokens (5 segments) back is out of reach: both copies cost alike
-    no_memory = runs[("memory", 0)]["planted_passage"]
+    no_memory = runs[("paper-memory", 0)]["planted_passage"]
     assert no_memory["second_copy_loss"] == pytest.approx(no_memory["first_copy_loss"], rel=0.2)
     assert "Planted passage: 8 random tokens at token 20 of each of 3 documents" in \
         (work / "results" / "memory_sweep.md").read_text()
 
 
+def test_a_rerun_sweep_reads_every_finished_run_from_its_cache(chain):
+    """A sweep killed after hours resumes: finished runs are not evaluated again, and
+    the report is the same; a checkpoint trained anew (new mtime) is evaluated again."""
+    work, _ = chain
+    before = json.loads((work / "results" / "memory_sweep.json").read_text())
+    again = run(*SWEEP(work))
+    assert again.count("(cached in") == len(before["runs"]) and "evaluating" not in again
+    after = json.loads((work / "results" / "memory_sweep.json").read_text())
+    assert after == before
+    control = work / "control" / "checkpoint_last.pt"
+    os.utime(control, (control.stat().st_atime, control.stat().st_mtime + 10))
+    third = run(*SWEEP(work))
+    assert third.count("(cached in") == len(before["runs"]) - 1 and "evaluating control" in third
+
+
 def test_sweep_perplexity_is_fairseq_eval_lm_perplexity(chain):
     work, _ = chain
     report = json.loads((work / "results" / "memory_sweep.json").read_text())
-    expected = next(r for r in report["runs"] if r["name"] == "memory" and r["memory_size"] == 256)
+    expected = next(r for r in report["runs"] if r["name"] == "paper-memory" and r["memory_size"] == 256)
     out = run(BIN / "fairseq-eval-lm", work / "code", "--user-dir", "fairseq_memtrm", "--task", "document_lm",
               "--path", work / "memory" / "checkpoint_last.pt", "--gen-subset", "test", "--tokens-per-sample", "64",
               "--batch-size", "2", "--model-overrides", "{'memory_size': 256}", "--cpu")
