@@ -169,8 +169,17 @@ def run_method(method, args):
         extra = scorer.extra_bytes()
     rows = []
     for name, tokens in scored.items():
-        row = summarise(name, args.checkpoint, getattr(getattr(model, "memory_bank", None), "memory_size", 0),
-                        tokens, wall, args.far_position, gate_values(model))
+        memory_size = getattr(getattr(model, "memory_bank", None), "memory_size", 0)
+        try:
+            row = summarise(name, args.checkpoint, memory_size, tokens, wall, args.far_position, gate_values(model))
+        except OverflowError:  # exp(mean loss) beyond a float: the run diverged (e.g. --dyneval-lr too high)
+            logger.warning("%s diverged: its perplexity is reported as inf", name)
+            finite = {**tokens, "loss": np.minimum(tokens["loss"], 700.0)}
+            row = summarise(name, args.checkpoint, memory_size, finite, wall, args.far_position, gate_values(model))
+            row.update(loss=float(tokens["loss"].mean()), ppl=math.inf)
+            if row["ppl_past_far_position"] is not None:
+                row["ppl_past_far_position"] = float(np.exp(np.float64(tokens["loss"][
+                    tokens["position"] >= args.far_position].mean())))
         row.update(method=method, settings=settings, extra_memory_mb=round(extra / 2**20, 1))
         row["model_memory_size"] = row.pop("memory_size")
         if method == "cache":
