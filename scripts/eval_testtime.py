@@ -11,7 +11,9 @@ method (``fairseq_memtrm.testtime``):
 * ``dyneval``: dynamic evaluation (Krause et al. 2018/2019), per stream, weights
   restored to the checkpoint's at every document start;
 * ``cache``: the neural cache (Grave et al. 2017) over a per-stream kNN memory,
-  one run per ``--cache-lambda``.
+  one run per ``--cache-lambda``;
+* ``knnlm``: kNN-LM (Khandelwal et al. 2020) over a datastore of the train split
+  (``scripts/build_datastore.py``), one run per ``--knnlm-lambda``.
 
 Writes ``OUT/testtime.json`` and ``OUT/testtime.md`` (perplexity, perplexity past
 ``--far-position``, tokens/s, extra memory MB) and ``OUT/testtime.png``. Tune
@@ -45,10 +47,11 @@ from fairseq import utils  # noqa: E402
 from eval_memory_sweep import gate_values, load, summarise  # noqa: E402
 from fairseq_memtrm.errors import MemtrmUserError  # noqa: E402
 from fairseq_memtrm.testtime import DynamicEvaluator, NeuralCache, StaticScorer, gradient_rms, score_streams  # noqa: E402
+from fairseq_memtrm.testtime.knn_lm import KNNLM  # noqa: E402
 
 logger = logging.getLogger("eval_testtime")
 
-METHODS = ("vanilla", "dyneval", "cache")
+METHODS = ("vanilla", "dyneval", "cache", "knnlm")
 
 
 def parse_args(argv=None):
@@ -94,6 +97,14 @@ def parse_args(argv=None):
     group.add_argument("--cache-backend", default="exact",
                        help="search backend of the cache's kNN memory (exact, faiss-flat, faiss-ivf, ...)")
     group.add_argument("--cache-dtype", choices=["fp32", "fp16"], default="fp32", help="storage of cached states")
+    group = parser.add_argument_group("kNN-LM")
+    group.add_argument("--datastore", help="datastore folder from scripts/build_datastore.py (same checkpoint)")
+    group.add_argument("--knnlm-lambda", default="0.25",
+                       help="interpolation weight(s) of p_knn in [0, 1), comma-separated: one run each")
+    group.add_argument("--knnlm-k", type=int, default=1024, help="neighbours per token")
+    group.add_argument("--knnlm-temperature", type=float, default=1.0,
+                       help="p_knn is a softmax of -distance / temperature (squared L2)")
+    group.add_argument("--knnlm-nprobe", type=int, default=32, help="IVF lists searched (ivfpq stores)")
     parser.add_argument("--title", default="test-time methods")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even where CUDA is available")
@@ -103,10 +114,13 @@ def parse_args(argv=None):
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown or not args.methods:
         parser.error(f"--methods: unknown {unknown or args.methods}; choose among {','.join(METHODS)}")
-    try:
-        args.cache_lambda = [float(x) for x in args.cache_lambda.split(",") if x.strip()]
-    except ValueError:
-        parser.error(f"--cache-lambda expects comma-separated numbers, got {args.cache_lambda!r}")
+    for flag in ("cache_lambda", "knnlm_lambda"):
+        try:
+            setattr(args, flag, [float(x) for x in getattr(args, flag).split(",") if x.strip()])
+        except ValueError:
+            parser.error(f"--{flag.replace('_', '-')} expects comma-separated numbers, got {getattr(args, flag)!r}")
+    if "knnlm" in args.methods and not args.datastore:
+        parser.error("--methods knnlm needs --datastore DIR (build it with scripts/build_datastore.py)")
     try:
         args.model_overrides = ast.literal_eval(args.model_overrides)
         assert isinstance(args.model_overrides, dict)
@@ -158,8 +172,14 @@ def run_method(method, args):
         scorer, settings, extra = StaticScorer(model), {}, 0
     elif method == "dyneval":
         scorer, settings, extra = dyneval_scorer(model, task, args)
-    else:
+    elif method == "cache":
         scorer, settings, extra = cache_scorer(model, task, args)
+    else:
+        scorer = KNNLM(model, task.target_dictionary, Path(args.datastore), args.knnlm_lambda, args.knnlm_k,
+                       args.knnlm_temperature, args.knnlm_nprobe, eval_subset=args.subset, checkpoint=args.checkpoint)
+        settings = {"datastore": args.datastore, "entries": scorer.meta["entries"], "index": scorer.meta["index"],
+                    "k": args.knnlm_k, "temperature": args.knnlm_temperature}
+        extra = scorer.extra_bytes()
     logger.info("scoring %s with %s %s", args.subset, method, settings or "")
     start = time.perf_counter()
     scored = score_streams(scorer, task, args.subset, args.batch_size, args.tokens_per_sample, max_positions,
@@ -182,7 +202,7 @@ def run_method(method, args):
                     tokens["position"] >= args.far_position].mean())))
         row.update(method=method, settings=settings, extra_memory_mb=round(extra / 2**20, 1))
         row["model_memory_size"] = row.pop("memory_size")
-        if method == "cache":
+        if method in ("cache", "knnlm"):
             row["settings"] = {**settings, "lambda": float(name.split("lambda=")[1])}
         logger.info("%s: ppl %.3f (past %d: %s) over %d tokens, %.0f tokens/s, extra memory %.1f MB", name,
                     row["ppl"], args.far_position, row["ppl_past_far_position"], row["tokens"],

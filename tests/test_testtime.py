@@ -16,7 +16,9 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from lm_builders import PLUGIN, REPO, TINY, build, run_command, save_checkpoint, write_dictionary
 
 from fairseq_memtrm.testtime import DynamicEvaluator, NeuralCache, StaticScorer, gradient_rms, score_streams
+from fairseq_memtrm.errors import MemtrmUserError
 from fairseq_memtrm.testtime.dynamic_eval import adaptable_parameters
+from fairseq_memtrm.testtime.knn_lm import KNNLM, build_datastore
 
 MEMORIZING = ["--memory-size", "64", "--knn-k", "4", "--memory-layers", "1"]
 
@@ -256,6 +258,57 @@ def test_the_cache_never_holds_the_predicted_position_or_a_later_one(prepared_da
     assert seen["batches"] == 8 and seen["from_memory"] > 100 and seen["entries"] > seen["from_memory"]
 
 
+# ------------------------------------------------------------------------ kNN-LM
+def test_knnlm_probabilities_equal_the_formula_by_hand(prepared_data_bin, tmp_path):
+    """A flat store of 300 train tokens, k = every entry: p_knn by brute force over keys.npy."""
+    model, task = tiny(prepared_data_bin, tokens_per_sample=16)
+    task.load_dataset("train")
+    meta = build_datastore(model, task, "train", tmp_path / "store", 16, 2, max_tokens=300, log_format="none")
+    assert meta["entries"] == 300 and meta["index"] == "flat"
+    keys = torch.from_numpy(np.load(tmp_path / "store" / "keys.npy").astype(np.float32))
+    vals = torch.from_numpy(np.load(tmp_path / "store" / "vals.npy").astype(np.int64))
+    lam, temperature = 0.4, 3.0
+    knnlm = KNNLM(model, task.target_dictionary, tmp_path / "store", [0.0, lam], k=300, temperature=temperature,
+                  eval_subset="test")
+    task.load_dataset("test")
+    sample = next(iter(task.eval_lm_dataloader(task.dataset("test"), batch_size=2)))
+    got = knnlm.score(sample)
+    with torch.no_grad():
+        features, _ = model(sample["net_input"]["src_tokens"], features_only=True)
+        lprobs = F.log_softmax(model.decoder.output_layer(features).float(), -1)
+    real = sample["target"].ne(1)
+    checked = 0
+    for b, t in real.nonzero().tolist():
+        target = int(sample["target"][b, t])
+        distances = ((keys - features[b, t].float()) ** 2).sum(-1)
+        weights = torch.softmax(-distances.double() / temperature, 0)
+        p_knn = float(weights[vals == target].sum())
+        p_model = float(lprobs[b, t, target].exp())
+        expected = -math.log((1 - lam) * p_model + lam * p_knn)
+        assert float(got[f"knnlm lambda={lam:g}"][b, t]) == pytest.approx(expected, rel=1e-3, abs=1e-4)
+        assert float(got["knnlm lambda=0"][b, t]) == pytest.approx(-math.log(p_model), rel=1e-5)
+        checked += 1
+    assert checked > 20
+    # lambda 0 is the vanilla bit for bit
+    assert torch.equal(got["knnlm lambda=0"], static_nll(model, sample))
+
+
+def test_knnlm_refuses_another_checkpoint_or_the_scored_split(prepared_data_bin, tmp_path):
+    model, task = tiny(prepared_data_bin, tokens_per_sample=16)
+    task.load_dataset("valid")
+    build_datastore(model, task, "valid", tmp_path / "store", 16, 2, max_tokens=50, log_format="none")
+    other, _ = tiny(prepared_data_bin, tokens_per_sample=16, seed=2)
+    with pytest.raises(MemtrmUserError, match="built from another checkpoint's weights"):
+        KNNLM(other, task.target_dictionary, tmp_path / "store", [0.1], eval_subset="test")
+    with pytest.raises(MemtrmUserError, match="holds the valid split itself"):
+        KNNLM(model, task.target_dictionary, tmp_path / "store", [0.1], eval_subset="valid")
+    shuffled = task.target_dictionary.__class__()
+    for symbol in reversed(task.target_dictionary.symbols[4:]):
+        shuffled.add_symbol(symbol)
+    with pytest.raises(MemtrmUserError, match="another vocabulary"):
+        KNNLM(model, shuffled, tmp_path / "store", [0.1], eval_subset="test")
+
+
 # -------------------------------------------------------------------------- CLI
 @pytest.fixture(scope="module")
 def checkpoints(prepared_data_bin, tmp_path_factory):
@@ -325,3 +378,28 @@ def test_cli_bad_input_is_one_sentence_and_exit_2(prepared_data_bin, checkpoints
 def test_cli_missing_checkpoint_is_one_sentence(prepared_data_bin, tmp_path):
     result = eval_testtime(prepared_data_bin, "--checkpoint", tmp_path / "none.pt", "--out", tmp_path, check=False)
     assert result.returncode == 2 and "not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_knnlm_builds_a_store_and_scores_with_it(prepared_data_bin, checkpoints, tmp_path):
+    store, out = tmp_path / "store", tmp_path / "out"
+    result = run_command(sys.executable, REPO / "scripts" / "build_datastore.py", prepared_data_bin, "--checkpoint",
+                         checkpoints["transformer_lm"], "--out", store, "--tokens-per-sample", "32", "--batch-size",
+                         "2", "--max-tokens", "2000", "--cpu", "--log-format", "simple", timeout=300)
+    log = result.stdout + result.stderr
+    meta = json.loads((store / "meta.json").read_text())
+    assert meta["entries"] == 2000 and meta["index"] == "flat"
+    assert f"2000 entries x {meta['dim']} dims, flat index" in log and "on disk" in log
+    eval_testtime(prepared_data_bin, "--checkpoint", checkpoints["transformer_lm"], "--methods", "vanilla,knnlm",
+                  "--datastore", store, "--knnlm-lambda", "0,0.3", "--knnlm-k", "8", "--knnlm-temperature", "10",
+                  "--tokens-per-sample", "32", "--batch-size", "2", "--max-batches", "4", "--cpu",
+                  "--log-format", "none", "--out", out)
+    runs = {r["name"]: r for r in json.loads((out / "testtime.json").read_text())["runs"]}
+    assert runs["knnlm lambda=0"]["ppl"] == runs["vanilla"]["ppl"]
+    assert math.isfinite(runs["knnlm lambda=0.3"]["ppl"]) and runs["knnlm lambda=0.3"]["ppl"] != runs["vanilla"]["ppl"]
+    assert runs["knnlm lambda=0.3"]["extra_memory_mb"] > 0
+    # the memorizing checkpoint's hidden states are not those in the store: one sentence, exit 2
+    refused = eval_testtime(prepared_data_bin, "--checkpoint", checkpoints["memorizing_transformer_lm"], "--methods",
+                            "knnlm", "--datastore", store, "--tokens-per-sample", "32", "--batch-size", "2",
+                            "--max-batches", "1", "--cpu", "--log-format", "none", "--out", out, check=False)
+    assert refused.returncode == 2 and "built from another checkpoint's weights" in refused.stderr
+    assert "Traceback" not in refused.stderr
