@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Test-time baselines on held-out documents: dynamic evaluation and the neural cache
-beside the plain model, on the same document streams as ``eval_memory_sweep.py``.
+"""Test-time baselines on held-out documents: dynamic evaluation, the neural cache and
+kNN-LM beside the plain model, on the same document streams as ``eval_memory_sweep.py``.
 
 Loads any checkpoint of the plugin or a plain fairseq ``transformer_lm`` the way
 ``fairseq-eval-lm --task document_lm`` does (``eval_memory_sweep.load``), reads
@@ -69,7 +69,7 @@ def parse_args(argv=None):
     parser.add_argument("--tokens-per-sample", type=int, default=512, help="segment length")
     parser.add_argument("--batch-size", type=int, default=4, help="streams evaluated side by side")
     parser.add_argument("--max-batches", type=int, default=None,
-                        help="score only the first N segments of every stream (default: the whole split)")
+                        help="score only the first N segments of every stream (None: the whole split)")
     parser.add_argument("--far-position", type=int, default=8192,
                         help="also report perplexity on tokens at least this far into their document")
     group = parser.add_argument_group("dynamic evaluation")
@@ -105,7 +105,7 @@ def parse_args(argv=None):
     group.add_argument("--knnlm-temperature", type=float, default=1.0,
                        help="p_knn is a softmax of -distance / temperature (squared L2)")
     group.add_argument("--knnlm-nprobe", type=int, default=32, help="IVF lists searched (ivfpq stores)")
-    parser.add_argument("--title", default="test-time methods")
+    parser.add_argument("--title", default="test-time methods", help="title of the report and plot")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even where CUDA is available")
     parser.add_argument("--log-format", default=None, choices=["tqdm", "simple", "none", "json"])

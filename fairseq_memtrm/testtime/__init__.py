@@ -18,3 +18,4 @@ batch and returns ``{run name: (B, T) loss in nats}`` (0 at padding), and
 from .scoring import StaticScorer, score_streams, target_nll  # noqa: F401
 from .dynamic_eval import DynamicEvaluator, gradient_rms  # noqa: F401
 from .neural_cache import NeuralCache  # noqa: F401
+from .knn_lm import KNNLM, build_datastore  # noqa: F401
