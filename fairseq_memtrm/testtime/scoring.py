@@ -1,0 +1,86 @@
+"""The scoring loop every test-time method shares, and the static (vanilla) scorer.
+
+The loop reads a split through ``task.eval_lm_dataloader`` exactly as
+``scripts/eval_memory_sweep.py`` and ``fairseq-eval-lm --task document_lm`` do
+(same streams, same segments, same padding), and keeps every real target
+token's loss, document and position in its document, so that a report can give
+the perplexity past position 8K as the sweep does.
+"""
+
+import logging
+from typing import Callable, Dict, Optional
+
+import torch
+from fairseq import progress_bar, utils
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+
+def target_nll(model, net_output, sample) -> Tensor:
+    """(B, T) loss in nats of every target token (0 at padding), from the model's
+    normalised log-probabilities (adaptive softmax included)."""
+    lprobs = model.get_normalized_probs(net_output, log_probs=True, sample=sample)
+    target = sample["target"]
+    nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    return nll.masked_fill(target.eq(model.decoder.padding_idx), 0.0)
+
+
+def target_positions(sample, tokens_per_sample: int) -> Tensor:
+    """(B, T) position in its document of every target token (segment s starts at s * T)."""
+    target = sample["target"]
+    offset = (sample["segment"].clamp(min=0) * tokens_per_sample).unsqueeze(1)
+    return offset + torch.arange(target.size(1), device=target.device).unsqueeze(0)
+
+
+class StaticScorer:
+    """The model as it is: one forward per batch, no state beside the model's own
+    (a memorizing model keeps its kNN memory, as in ``fairseq-eval-lm``)."""
+
+    def __init__(self, model, name: str = "vanilla"):
+        self.model = model
+        self.name = name
+
+    @torch.no_grad()
+    def score(self, sample) -> Dict[str, Tensor]:
+        net_output = self.model(**sample["net_input"])
+        return {self.name: target_nll(self.model, net_output, sample).float()}
+
+    def extra_bytes(self) -> int:
+        return 0
+
+
+def score_streams(scorer, task, subset: str, batch_size: int, tokens_per_sample: int, max_positions,
+                  max_batches: Optional[int] = None, log_format: Optional[str] = None,
+                  on_batch: Optional[Callable] = None) -> Dict[str, Dict[str, Tensor]]:
+    """Run ``scorer`` over the split's streams, batch after batch (at most
+    ``max_batches``: the first segments of every stream).
+
+    Returns ``{run name: {"loss", "doc", "position", "type"}}``, numpy arrays over
+    the real target tokens, in the order the sweep keeps them.
+    """
+    itr = task.eval_lm_dataloader(task.dataset(subset), batch_size=batch_size, max_positions=max_positions)
+    total = len(itr) if max_batches is None else min(len(itr), max_batches)
+    progress = progress_bar.progress_bar(itr, log_format=log_format, log_interval=10,
+                                         prefix=f"{subset} ({total} batches)", default_log_format="tqdm")
+    pad = task.target_dictionary.pad()
+    kept: Dict[str, Dict[str, list]] = {}
+    model = getattr(scorer, "model", None)
+    device = next(model.parameters()).device if model is not None else torch.device("cpu")
+    for index, sample in enumerate(progress):
+        if max_batches is not None and index >= max_batches:
+            break
+        sample = utils.move_to_cuda(sample, device) if device.type == "cuda" else sample
+        target = sample["target"]
+        mask = target.ne(pad)
+        position = target_positions(sample, tokens_per_sample)
+        docs = sample["doc_id"].unsqueeze(1).expand_as(target)
+        for name, nll in scorer.score(sample).items():
+            runs = kept.setdefault(name, {"loss": [], "doc": [], "position": [], "type": []})
+            runs["loss"].append(nll[mask].float().cpu())
+            runs["doc"].append(docs[mask].cpu())
+            runs["position"].append(position[mask].cpu())
+            runs["type"].append(target[mask].cpu())
+        if on_batch is not None:
+            on_batch(index, sample)
+    return {name: {key: torch.cat(values).numpy() for key, values in runs.items()} for name, runs in kept.items()}
