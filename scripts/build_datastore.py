@@ -20,10 +20,8 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from eval_memory_sweep import load  # noqa: E402
 from fairseq_memtrm.errors import MemtrmUserError  # noqa: E402
+from fairseq_memtrm.evaluation import load  # noqa: E402
 from fairseq_memtrm.testtime.knn_lm import build_datastore  # noqa: E402
 
 

@@ -30,7 +30,6 @@ import argparse
 import hashlib
 import json
 import logging
-import math
 import os
 import platform
 import sys
@@ -41,14 +40,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
-from fairseq import checkpoint_utils, options, progress_bar, tasks, utils  # noqa: E402
+from fairseq import progress_bar, utils  # noqa: E402
 from fairseq.data import Dictionary  # noqa: E402
-from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
 
 from fairseq_memtrm.diagnostics import copy_score, load_passages, plant_passage, planted_passage_loss  # noqa: E402
 from fairseq_memtrm.errors import MemtrmUserError  # noqa: E402
+from fairseq_memtrm.evaluation import gate_values, load, summarise  # noqa: E402
 
 logger = logging.getLogger("eval_memory_sweep")
 
@@ -56,35 +53,6 @@ logger = logging.getLogger("eval_memory_sweep")
 MEMORY_RUNS = ("paper-memory", "copying-memory", "longmem")
 LABELS = {"paper-memory": "memorizing fine-tune (paper's options)",
           "copying-memory": "memorizing fine-tune (copying options)", "longmem": "LongMem SideNet"}
-
-
-def load(checkpoint, data, subset, tokens_per_sample, batch_size, overrides, cpu):
-    """Model and task exactly as ``fairseq-eval-lm --task document_lm`` builds them."""
-    if not os.path.isfile(checkpoint):
-        raise MemtrmUserError(f"checkpoint {checkpoint!r} not found; train it first (see README, Results)")
-    argv = [data, "--user-dir", str(REPO / "fairseq_memtrm"), "--task", "document_lm", "--path", checkpoint,
-            "--gen-subset", subset, "--tokens-per-sample", str(tokens_per_sample), "--batch-size", str(batch_size),
-            "--model-overrides", repr(overrides)]
-    if cpu:
-        argv.append("--cpu")
-    args = options.parse_args_and_arch(options.get_eval_lm_parser(), argv)
-    cfg = convert_namespace_to_omegaconf(args)
-    utils.import_user_module(cfg.common)
-    task = tasks.setup_task(cfg.task)
-    models, _ = checkpoint_utils.load_model_ensemble([checkpoint], arg_overrides=overrides, task=task)
-    model = models[0].eval()
-    if torch.cuda.is_available() and not cpu:
-        model = model.cuda()
-    task.load_dataset(subset)
-    return model, task
-
-
-def gate_values(model):
-    """{layer: [sigmoid(b_h) per head]} for a model that uses memory, else {}."""
-    if not hasattr(model, "memory_attentions") or model.memory_bank.memory_size == 0:
-        return {}
-    return {str(layer): att.gate_values().tolist()
-            for layer, att in zip(model.memory_layer_ids, model.memory_attentions())}
 
 
 @torch.no_grad()
@@ -178,27 +146,6 @@ def retrieval_quality(record, doc_tokens, sample, mask):
         seen.append(torch.isin(target[row][real], past))
     empty = torch.zeros(0, dtype=torch.bool)
     return (torch.cat(holds) if holds else empty), (torch.cat(seen) if seen else empty)
-
-
-def summarise(name, checkpoint, memory_size, scored, wall, far_position, gates):
-    loss = scored["loss"]
-    far = scored["position"] >= far_position
-    row = {
-        "name": name,
-        "checkpoint": checkpoint,
-        "memory_size": memory_size,
-        "tokens": int(loss.size),
-        "loss": float(loss.mean()),
-        "ppl": float(math.exp(loss.mean())),
-        "tokens_past_far_position": int(far.sum()),
-        "ppl_past_far_position": float(math.exp(loss[far].mean())) if far.any() else None,
-        "wall_seconds": round(wall, 1),
-        "tokens_per_second": round(loss.size / wall, 1),
-        "gates": gates,
-    }
-    if "retrieval" in scored:
-        row["retrieval"] = scored["retrieval"]
-    return row
 
 
 def vanilla_copy_score(model, task, args):

@@ -3,7 +3,7 @@
 kNN-LM beside the plain model, on the same document streams as ``eval_memory_sweep.py``.
 
 Loads any checkpoint of the plugin or a plain fairseq ``transformer_lm`` the way
-``fairseq-eval-lm --task document_lm`` does (``eval_memory_sweep.load``), reads
+``fairseq-eval-lm --task document_lm`` does (``fairseq_memtrm.evaluation.load``), reads
 the split's streams segment after segment, and scores every token once per
 method (``fairseq_memtrm.testtime``):
 
@@ -40,12 +40,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from fairseq import utils  # noqa: E402
 
-from eval_memory_sweep import gate_values, load, summarise  # noqa: E402
 from fairseq_memtrm.errors import MemtrmUserError  # noqa: E402
+from fairseq_memtrm.evaluation import gate_values, load, summarise  # noqa: E402
 from fairseq_memtrm.testtime import DynamicEvaluator, NeuralCache, StaticScorer, gradient_rms, score_streams  # noqa: E402
 from fairseq_memtrm.testtime.knn_lm import KNNLM  # noqa: E402
 
@@ -190,16 +188,9 @@ def run_method(method, args):
     rows = []
     for name, tokens in scored.items():
         memory_size = getattr(getattr(model, "memory_bank", None), "memory_size", 0)
-        try:
-            row = summarise(name, args.checkpoint, memory_size, tokens, wall, args.far_position, gate_values(model))
-        except OverflowError:  # exp(mean loss) beyond a float: the run diverged (e.g. --dyneval-lr too high)
+        row = summarise(name, args.checkpoint, memory_size, tokens, wall, args.far_position, gate_values(model))
+        if math.isinf(row["ppl"]):  # exp(mean loss) beyond a float, e.g. --dyneval-lr too high
             logger.warning("%s diverged: its perplexity is reported as inf", name)
-            finite = {**tokens, "loss": np.minimum(tokens["loss"], 700.0)}
-            row = summarise(name, args.checkpoint, memory_size, finite, wall, args.far_position, gate_values(model))
-            row.update(loss=float(tokens["loss"].mean()), ppl=math.inf)
-            if row["ppl_past_far_position"] is not None:
-                row["ppl_past_far_position"] = float(np.exp(np.float64(tokens["loss"][
-                    tokens["position"] >= args.far_position].mean())))
         row.update(method=method, settings=settings, extra_memory_mb=round(extra / 2**20, 1))
         row["model_memory_size"] = row.pop("memory_size")
         if method in ("cache", "knnlm"):

@@ -1,0 +1,71 @@
+"""Evaluation as ``fairseq-eval-lm --task document_lm`` does it, shared by the
+scripts that score held-out documents (``eval_memory_sweep.py``, ``eval_testtime.py``,
+``build_datastore.py``): loading a checkpoint with ``--model-overrides``, the
+per-head memory gates, and one run's summary row."""
+
+import math
+import os
+
+import torch
+from fairseq import checkpoint_utils, options, tasks, utils
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+from fairseq_memtrm.errors import MemtrmUserError
+
+PACKAGE = os.path.dirname(os.path.abspath(__file__))  # the --user-dir
+
+
+def perplexity(mean_loss) -> float:
+    """exp(mean loss in nats); inf for a run that diverged, not an OverflowError."""
+    mean_loss = float(mean_loss)
+    return math.exp(mean_loss) if mean_loss < 700 else math.inf
+
+
+def load(checkpoint, data, subset, tokens_per_sample, batch_size, overrides, cpu):
+    """Model and task exactly as ``fairseq-eval-lm --task document_lm`` builds them."""
+    if not os.path.isfile(checkpoint):
+        raise MemtrmUserError(f"checkpoint {checkpoint!r} not found; train it first (see README, Results)")
+    argv = [data, "--user-dir", PACKAGE, "--task", "document_lm", "--path", checkpoint,
+            "--gen-subset", subset, "--tokens-per-sample", str(tokens_per_sample), "--batch-size", str(batch_size),
+            "--model-overrides", repr(overrides)]
+    if cpu:
+        argv.append("--cpu")
+    args = options.parse_args_and_arch(options.get_eval_lm_parser(), argv)
+    cfg = convert_namespace_to_omegaconf(args)
+    utils.import_user_module(cfg.common)
+    task = tasks.setup_task(cfg.task)
+    models, _ = checkpoint_utils.load_model_ensemble([checkpoint], arg_overrides=overrides, task=task)
+    model = models[0].eval()
+    if torch.cuda.is_available() and not cpu:
+        model = model.cuda()
+    task.load_dataset(subset)
+    return model, task
+
+
+def gate_values(model):
+    """{layer: [sigmoid(b_h) per head]} for a model that uses memory, else {}."""
+    if not hasattr(model, "memory_attentions") or model.memory_bank.memory_size == 0:
+        return {}
+    return {str(layer): att.gate_values().tolist()
+            for layer, att in zip(model.memory_layer_ids, model.memory_attentions())}
+
+
+def summarise(name, checkpoint, memory_size, scored, wall, far_position, gates):
+    loss = scored["loss"]
+    far = scored["position"] >= far_position
+    row = {
+        "name": name,
+        "checkpoint": checkpoint,
+        "memory_size": memory_size,
+        "tokens": int(loss.size),
+        "loss": float(loss.mean()),
+        "ppl": perplexity(loss.mean()),
+        "tokens_past_far_position": int(far.sum()),
+        "ppl_past_far_position": perplexity(loss[far].mean()) if far.any() else None,
+        "wall_seconds": round(wall, 1),
+        "tokens_per_second": round(loss.size / wall, 1),
+        "gates": gates,
+    }
+    if "retrieval" in scored:
+        row["retrieval"] = scored["retrieval"]
+    return row
