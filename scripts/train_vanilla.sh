@@ -8,7 +8,7 @@
 #      updates. Induction heads appear after ~5e5 * sqrt(B * C) tokens, so a short context
 #      and a small batch bring them within reach of two CPU cores.
 #   2. context phase -> SAVE_DIR: TOKENS_PER_SAMPLE (512) blocks, from phase 1's weights
-#      with a fresh optimizer, lr LR (3e-4) decaying linearly to 0 over MAX_UPDATE (2000)
+#      with a fresh optimizer, lr LR (3e-4) decaying linearly to 0 over MAX_UPDATE (3500)
 #      updates; a fraction CONTEXT_REPEAT_PROB (0.5) of the blocks still get a repeated span
 #      (8-128 tokens), without which plain language modelling trains the copying away.
 #
@@ -26,7 +26,7 @@ DATA=${1:?usage: train_vanilla.sh DATA_BIN SAVE_DIR [fairseq args]}
 SAVE=${2:?usage: train_vanilla.sh DATA_BIN SAVE_DIR [fairseq args]}
 shift 2
 COPY_UPDATES=${COPY_UPDATES:-30000}
-MAX=${MAX_UPDATE:-2000}
+MAX=${MAX_UPDATE:-3500}
 COPY_DIR=$SAVE/copy-phase
 same_vocabulary "$SAVE" "$DATA"  # refused before the lock creates SAVE_DIR
 lock_save_dir "$SAVE"
