@@ -56,7 +56,7 @@ from fairseq import options, tasks  # noqa: E402
 from fairseq.data import Dictionary  # noqa: E402
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
 
-from fairseq_memtrm.memory import KNNMemory, memory_bytes  # noqa: E402
+from fairseq_memtrm.memory import KNNMemory, MemoryStore, memory_bytes  # noqa: E402
 from fairseq_memtrm.memory.search import BACKENDS, parse_backend_spec  # noqa: E402
 from fairseq_memtrm.modules.knn_attention import MEMORY_STATE  # noqa: E402
 
@@ -286,8 +286,8 @@ def capture_memory(model, document: bytes, num_tokens: int, segment: int) -> Dic
     attention = model.memory_attentions()[0]
     keys, values = [], []
     for start, hidden in hidden_states_of(model, document_tokens(document, num_tokens)[:num_tokens], segment):
-        keys.append(F.normalize(attention._split_heads(attention.k_proj(hidden))[0], dim=-1))
-        values.append(attention._split_heads(attention.v_proj(hidden))[0])
+        keys.append(F.normalize(attention.split_heads(attention.k_proj(hidden))[0], dim=-1))
+        values.append(attention.split_heads(attention.v_proj(hidden))[0])
         if (start // segment) % 128 == 0:
             logger.info("capturing keys: %d / %d tokens", start, num_tokens)
     return {"keys": torch.cat(keys, dim=1), "values": torch.cat(values, dim=1)}
@@ -300,13 +300,13 @@ def capture_queries(model, document: bytes, num_tokens: int, segment: int, count
     attention = model.memory_attentions()[0]
     tokens = document_tokens(document, num_tokens + count * segment + 1)
     after = tokens[num_tokens : num_tokens + count * segment]
-    queries = [F.normalize(attention._split_heads(attention.q_proj(hidden))[0], dim=-1)
+    queries = [F.normalize(attention.split_heads(attention.q_proj(hidden))[0], dim=-1)
                for _, hidden in hidden_states_of(model, after, segment)]
     return {"query_segments": torch.stack(queries), "queries": queries[0],
             "segment_tokens": tokens[None, num_tokens : num_tokens + segment + 1]}
 
 
-def fill(memory: KNNMemory, keys: torch.Tensor, values: torch.Tensor, chunk: int = 8192) -> None:
+def fill(memory: MemoryStore, keys: torch.Tensor, values: torch.Tensor, chunk: int = 8192) -> None:
     """Write ``keys``/``values`` (H, N, D) into stream 0 of ``memory``, in chunks."""
     for start in range(0, keys.size(1), chunk):
         memory.add(keys[None, :, start : start + chunk], values[None, :, start : start + chunk])

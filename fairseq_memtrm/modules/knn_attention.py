@@ -6,7 +6,7 @@ Per head, the layer computes two attentions and mixes them with a learned gate:
   ``MultiheadAttention`` computes it (same parameters, same names), so the
   weights of a vanilla checkpoint keep their meaning;
 * memory: the L2-normalised query retrieves its top-k (key, value) pairs from
-  the :class:`~fairseq_memtrm.memory.KNNMemory` (earlier segments of the same
+  the :class:`~fairseq_memtrm.memory.MemoryStore` (earlier segments of the same
   document only), and a separate softmax over those k entries, scaled by a
   learned per-head temperature, reads their values. No position encoding.
   With ``memory_query="key"`` the token's own key is the memory query: the
@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from fairseq.modules import MultiheadAttention
 from torch import Tensor, nn
 
-from fairseq_memtrm.memory import KNNMemory, Retrieval
+from fairseq_memtrm.memory import MemoryStore, Retrieval
 
 MEMORY_PARAMETERS = ("memory_gate", "memory_log_scale")
 MEMORY_STATE = MEMORY_PARAMETERS + ("memory_param_gain", "memory_position_free")  # what a vanilla layer lacks
@@ -91,7 +91,7 @@ class KNNAugmentedAttention(MultiheadAttention):
             torch.full((num_heads,), math.log(memory_scale_init) / memory_param_gain)
         )
         # Bound by the model for one forward pass; None = behave as plain attention.
-        self.memory: Optional[KNNMemory] = None
+        self.memory: Optional[MemoryStore] = None
         self.token_mask: Optional[Tensor] = None  # (B, T) True for tokens to write
         self.memory_input: Optional[Tensor] = None  # (T, B, C) the input without positions
         # False: the layer only reads the memory and another network writes it
@@ -119,17 +119,17 @@ class KNNAugmentedAttention(MultiheadAttention):
         if bool(self.memory_position_free):
             if self.memory_input is None or self.memory_input.shape != query.shape:
                 raise RuntimeError("a position-free memory layer needs memory_input (T, B, C) bound by the model")
-            k = self._split_heads(self.k_proj(self.memory_input))
+            k = self.split_heads(self.k_proj(self.memory_input))
             if q is not None and self.memory_query == "query":
-                q = self._split_heads(self.q_proj(self.memory_input))
+                q = self.split_heads(self.q_proj(self.memory_input))
         elif k is None:
-            k = self._split_heads(self.k_proj(query))
+            k = self.split_heads(self.k_proj(query))
         k_unit = F.normalize(k, dim=-1)
         if q is None:
             return None, k_unit
         return (k_unit if self.memory_query == "key" else F.normalize(q, dim=-1)), k_unit
 
-    def _split_heads(self, x: Tensor) -> Tensor:
+    def split_heads(self, x: Tensor) -> Tensor:
         """(T, B, C) -> (B, H, T, D)."""
         seq_len, bsz, _ = x.shape
         return x.view(seq_len, bsz, self.num_heads, self.head_dim).permute(1, 2, 0, 3)
@@ -164,16 +164,16 @@ class KNNAugmentedAttention(MultiheadAttention):
             if self.write_memory:
                 memory.add(
                     self.memory_projections(query)[1],
-                    self._split_heads(self.v_proj(query)),
+                    self.split_heads(self.v_proj(query)),
                     self.token_mask,
                 )
             self.last_record = None
             return out, weights
 
         seq_len, bsz, embed_dim = query.shape
-        q = self._split_heads(self.q_proj(query))  # (B, H, T, D), unscaled
-        k = self._split_heads(self.k_proj(query))
-        v = self._split_heads(self.v_proj(query))
+        q = self.split_heads(self.q_proj(query))  # (B, H, T, D), unscaled
+        k = self.split_heads(self.k_proj(query))
+        v = self.split_heads(self.v_proj(query))
 
         # Local causal attention, as MultiheadAttention computes it.
         local_logits = torch.matmul(q * self.scaling, k.transpose(-1, -2))  # (B, H, T, T)
