@@ -383,6 +383,16 @@ def interleaved_medians(first, second, repeats: int, warmup: int) -> Tuple[float
     return statistics.median(t for t, _ in times), statistics.median(t for _, t in times)
 
 
+def full_bank(model, captured, memory_size: int, backend: str):
+    """A bank like the model's, of ``memory_size`` tokens searched by ``backend``, whose
+    stream set "bench" (one stream) holds the first ``memory_size`` captured keys."""
+    bank = model.memory_bank.resized(memory_size, backend)
+    memories = bank.select("bench", 1, torch.ones(1, dtype=torch.bool), captured["segment_tokens"].device)
+    for memory in memories.values():
+        fill(memory, captured["keys"][:, :memory_size], captured["values"][:, :memory_size])
+    return bank
+
+
 def training_step(model, tokens: torch.Tensor, **net_input):
     """A closure: one forward, backward and Adam update of ``model`` on ``tokens``."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
@@ -399,17 +409,13 @@ def bench_step(model, vanilla, captured, memory_size: int, backend: str, args) -
     """Training step time with a full memory vs the vanilla model, same segment,
     timed alternately."""
     tokens = captured["segment_tokens"]
-    model.memory_bank.clear()
-    model.memory_bank.memory_size, model.memory_bank.backend = memory_size, backend
-    memories = model.memory_bank.select("bench", 1, torch.ones(1, dtype=torch.bool), tokens.device)
-    for memory in memories.values():
-        fill(memory, captured["keys"][:, :memory_size], captured["values"][:, :memory_size])
+    bank = full_bank(model, captured, memory_size, backend)
     model.train()
     vanilla.train()
-    memorizing_step = training_step(model, tokens, doc_start=torch.zeros(1, dtype=torch.bool), stream_id="bench")
+    memorizing_step = training_step(model, tokens, doc_start=torch.zeros(1, dtype=torch.bool), stream_id="bench",
+                                    memory_bank=bank)
     step_s, vanilla_s = interleaved_medians(memorizing_step, training_step(vanilla, tokens), args.repeats,
                                             args.warmup)
-    model.memory_bank.clear()
     return {"memory_size": memory_size, "backend": backend, "step_s": step_s, "vanilla_step_s": vanilla_s,
             "relative_to_vanilla": step_s / vanilla_s}
 
@@ -424,18 +430,15 @@ def profile_step(model, captured, args) -> Dict:
     from torch.profiler import ProfilerActivity, profile
 
     tokens = captured["segment_tokens"]
-    model.memory_bank.clear()
-    model.memory_bank.memory_size, model.memory_bank.backend = args.profile_size, args.profile_backend
-    memories = model.memory_bank.select("bench", 1, torch.ones(1, dtype=torch.bool), tokens.device)
-    for memory in memories.values():
-        fill(memory, captured["keys"][:, : args.profile_size], captured["values"][:, : args.profile_size])
+    bank = full_bank(model, captured, args.profile_size, args.profile_backend)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
     model.train()
 
     def step():
         optimizer.zero_grad()
         with torch.profiler.record_function("forward"):
-            loss = lm_loss(model, tokens, doc_start=torch.zeros(1, dtype=torch.bool), stream_id="bench")
+            loss = lm_loss(model, tokens, doc_start=torch.zeros(1, dtype=torch.bool), stream_id="bench",
+                           memory_bank=bank)
         with torch.profiler.record_function("backward"):
             loss.backward()
         with torch.profiler.record_function("optimizer"):
@@ -453,7 +456,6 @@ def profile_step(model, captured, args) -> Dict:
         if event.key in ("forward", "backward", "optimizer", "knn_memory.search", "knn_memory.add")
     }
     table = events.table(sort_by="self_cpu_time_total", row_limit=15)
-    model.memory_bank.clear()
     return {"memory_size": args.profile_size, "backend": args.profile_backend,
             "seconds_per_step": labelled, "top_ops": table}
 

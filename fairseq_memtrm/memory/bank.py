@@ -56,10 +56,12 @@ class MemoryBank:
         self.shift_keys = shift_keys
         self.stream_sets: Dict[str, Dict[int, MemoryStore]] = {}
 
-    def resized(self, memory_size: int) -> "MemoryBank":
+    def resized(self, memory_size: int, backend: Optional[str] = None) -> "MemoryBank":
         """A new, empty bank like this one (layers, dtype, backend, chunks, key
-        shift) holding ``memory_size`` tokens per stream."""
-        return MemoryBank(self.layers, memory_size, self.dtype, self.backend, self.chunk_size, self.shift_keys)
+        shift) holding ``memory_size`` tokens per stream (searched by ``backend``
+        where given)."""
+        return MemoryBank(self.layers, memory_size, self.dtype, backend or self.backend, self.chunk_size,
+                          self.shift_keys)
 
     def bytes_per_stream(self) -> int:
         if self.chunk_size > 1:  # the token ring is searched by nobody; chunk means by the backend

@@ -32,20 +32,25 @@ is ``token + position(t)``, ``t`` the place in the segment: keys computed from i
 match tokens that stood at the same place in their segments (segment length
 apart) as well as tokens that are the same. A layer built with
 ``position_free_keys`` therefore computes its memory keys (and memory queries)
-from ``memory_input``, the same input without the positional embedding, bound by
-the model for the forward pass; local attention and the values are unchanged.
+from ``memory_input``, the same input without the positional embedding, given by
+the model in the binding; local attention and the values are unchanged.
 This is exact for layer 0, whose input is the embedding sum; a deeper layer's
 input mixes position into content, and there the option does not apply.
 
-Per segment the order is: (the model resets streams at ``doc_start``) then
-retrieve with this segment's queries, then add this segment's keys/values, so
-a token never retrieves its own segment. Stored entries are detached: the
-gradient reaches the queries through the memory attention, never the memory.
+The memory is bound for a forward pass (:meth:`KNNAugmentedAttention.bind`,
+called by the model's ``bind_memory``): a :class:`MemoryBinding` names the
+store, the tokens to write and what to record. Unbound, the layer is plain
+attention. Per segment the order is: (the model resets streams at
+``doc_start``) then retrieve with this segment's queries, then add this
+segment's keys/values, so a token never retrieves its own segment. Stored
+entries are detached: the gradient reaches the queries through the memory
+attention, never the memory.
 """
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +74,19 @@ class RetrievalRecord:
     gate: Tensor  # (B, H, T) effective gate: sigmoid(b_h), 0 where nothing was found
 
 
+@dataclass
+class MemoryBinding:
+    """What one memory layer reads and writes during one forward pass."""
+
+    memory: MemoryStore  # B streams
+    token_mask: Optional[Tensor] = None  # (B, T) True for the tokens to write (None: all)
+    memory_input: Optional[Tensor] = None  # (T, B, C) the input without positions (position-free layers)
+    write: bool = True  # False: another network writes the memory (LongMem's frozen backbone)
+    knn_k: Optional[int] = None  # entries per query and head; None: the layer's own knn_k
+    record_retrievals: bool = False
+    record: Optional[RetrievalRecord] = None  # set by the pass when recording and something was retrieved
+
+
 class KNNAugmentedAttention(MultiheadAttention):
     def __init__(self, embed_dim: int, num_heads: int, knn_k: int = 32, memory_gate_init: float = 0.0,
                  memory_scale_init: float = 20.0, memory_param_gain: float = DEFAULT_MEMORY_PARAM_GAIN,
@@ -90,15 +108,16 @@ class KNNAugmentedAttention(MultiheadAttention):
         self.memory_log_scale = nn.Parameter(
             torch.full((num_heads,), math.log(memory_scale_init) / memory_param_gain)
         )
-        # Bound by the model for one forward pass; None = behave as plain attention.
-        self.memory: Optional[MemoryStore] = None
-        self.token_mask: Optional[Tensor] = None  # (B, T) True for tokens to write
-        self.memory_input: Optional[Tensor] = None  # (T, B, C) the input without positions
-        # False: the layer only reads the memory and another network writes it
-        # (LongMem: the frozen backbone's keys, see models/longmem_sidenet_lm.py).
-        self.write_memory = True
-        self.record_retrievals = False
-        self.last_record: Optional[RetrievalRecord] = None
+        self.binding: Optional[MemoryBinding] = None  # set by `bind` for a forward pass; None: plain attention
+
+    @contextmanager
+    def bind(self, binding: MemoryBinding) -> Iterator[MemoryBinding]:
+        """Read (and write) ``binding.memory`` in the forward passes inside the block."""
+        previous, self.binding = self.binding, binding
+        try:
+            yield binding
+        finally:
+            self.binding = previous
 
     def gate_logits(self) -> Tensor:
         """(H,) the effective gate biases b_h."""
@@ -112,16 +131,17 @@ class KNNAugmentedAttention(MultiheadAttention):
         """(H,) the temperature of the memory softmax over cosine similarities."""
         return (self.memory_log_scale * self.memory_param_gain).exp()
 
-    def memory_projections(self, query: Tensor, q: Optional[Tensor] = None, k: Optional[Tensor] = None):
+    def memory_projections(self, query: Tensor, q: Optional[Tensor] = None, k: Optional[Tensor] = None,
+                           memory_input: Optional[Tensor] = None):
         """Unit-norm memory (queries, keys), (B, H, T, D) each: from ``memory_input``
-        when this layer's keys are position-free, else the local ``q`` and ``k`` of
-        ``query`` (T, B, C) (computed here where not given). ``q`` None: no queries."""
+        (T, B, C) when this layer's keys are position-free, else the local ``q`` and
+        ``k`` of ``query`` (T, B, C) (computed here where not given). ``q`` None: no queries."""
         if bool(self.memory_position_free):
-            if self.memory_input is None or self.memory_input.shape != query.shape:
+            if memory_input is None or memory_input.shape != query.shape:
                 raise RuntimeError("a position-free memory layer needs memory_input (T, B, C) bound by the model")
-            k = self.split_heads(self.k_proj(self.memory_input))
+            k = self.split_heads(self.k_proj(memory_input))
             if q is not None and self.memory_query == "query":
-                q = self.split_heads(self.q_proj(self.memory_input))
+                q = self.split_heads(self.q_proj(memory_input))
         elif k is None:
             k = self.split_heads(self.k_proj(query))
         k_unit = F.normalize(k, dim=-1)
@@ -147,27 +167,28 @@ class KNNAugmentedAttention(MultiheadAttention):
         before_softmax: bool = False,
         need_head_weights: bool = False,
     ):
-        memory = self.memory
+        binding = self.binding
         use_memory = (
-            memory is not None and incremental_state is None and not before_softmax and not need_head_weights
+            binding is not None and incremental_state is None and not before_softmax and not need_head_weights
         )
-        if not use_memory or memory.memory_size == 0 or self.knn_k == 0:
+        knn_k = self.knn_k if binding is None or binding.knn_k is None else binding.knn_k
+        if not use_memory or binding.memory.memory_size == 0 or knn_k == 0:
             return super().forward(
                 query, key, value, key_padding_mask, incremental_state, need_weights,
                 static_kv, attn_mask, before_softmax, need_head_weights,
             )
+        memory = binding.memory
         if memory.is_empty():
             # Nothing to retrieve: plain attention, then still write the segment.
             out, weights = super().forward(
                 query, key, value, key_padding_mask, None, need_weights, False, attn_mask
             )
-            if self.write_memory:
+            if binding.write:
                 memory.add(
-                    self.memory_projections(query)[1],
+                    self.memory_projections(query, memory_input=binding.memory_input)[1],
                     self.split_heads(self.v_proj(query)),
-                    self.token_mask,
+                    binding.token_mask,
                 )
-            self.last_record = None
             return out, weights
 
         seq_len, bsz, embed_dim = query.shape
@@ -187,8 +208,8 @@ class KNNAugmentedAttention(MultiheadAttention):
         local_out = torch.matmul(local_probs, v)  # (B, H, T, D)
 
         # Memory attention over the top-k entries of earlier segments.
-        q_unit, k_unit = self.memory_projections(query, q, k)
-        retrieval = memory.search(q_unit.detach(), self.knn_k)
+        q_unit, k_unit = self.memory_projections(query, q, k, binding.memory_input)
+        retrieval = memory.search(q_unit.detach(), knn_k)
         scale = self.memory_scale().view(1, -1, 1, 1)
         memory_logits = torch.einsum("bhtd,bhtkd->bhtk", q_unit, retrieval.keys) * scale
         memory_logits = memory_logits.masked_fill(~retrieval.mask, float("-inf"))
@@ -200,10 +221,10 @@ class KNNAugmentedAttention(MultiheadAttention):
         gate = self.gate_values().view(1, -1, 1) * found.type_as(q)  # (B, H, T)
         mixed = local_out + gate.unsqueeze(-1) * (memory_out - local_out)
 
-        if self.write_memory:
-            memory.add(k_unit, v, self.token_mask)  # after retrieval: never retrieve yourself
-        if self.record_retrievals:
-            self.last_record = RetrievalRecord(retrieval, memory_probs.detach(), gate.detach())
+        if binding.write:
+            memory.add(k_unit, v, binding.token_mask)  # after retrieval: never retrieve yourself
+        if binding.record_retrievals:
+            binding.record = RetrievalRecord(retrieval, memory_probs.detach(), gate.detach())
 
         out = self.out_proj(mixed.permute(2, 0, 1, 3).reshape(seq_len, bsz, embed_dim))
         weights = None
