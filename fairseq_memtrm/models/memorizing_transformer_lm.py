@@ -75,7 +75,7 @@ class MemorizingTransformerLMConfig(MemoryConfig, TransformerLanguageModelConfig
         default=False,
         metadata={"help": "key each memory entry by the previous token's key (its value stays the token's "
                           "own): a query matching a past token reads what followed it, the copying step "
-                          "a small model has not learned (README, Results); off = the paper's memory"},
+                          "of an induction head built into the memory; off = the paper's memory"},
     )
     memory_keys_with_positions: bool = field(
         default=False,
@@ -190,6 +190,14 @@ def memorizing_defaults(args):
     fill_defaults(args, MemoryConfig)
 
 
+def decoder_shape(args, layers: int, embed_dim: int, ffn_embed_dim: int, heads: int) -> None:
+    """The decoder's shape for a small arch; a flag given on the command line wins."""
+    args.decoder_layers = getattr(args, "decoder_layers", layers)
+    args.decoder_embed_dim = getattr(args, "decoder_embed_dim", embed_dim)
+    args.decoder_ffn_embed_dim = getattr(args, "decoder_ffn_embed_dim", ffn_embed_dim)
+    args.decoder_attention_heads = getattr(args, "decoder_attention_heads", heads)
+
+
 # `register_model` with a dataclass already registers the arch named like the
 # model (the dataclass defaults); this function is the base the others extend.
 def memorizing_transformer_lm(args):
@@ -224,19 +232,13 @@ def memorizing_transformer_lm_wiki103(args):
 @register_model_architecture("memorizing_transformer_lm", "memorizing_transformer_lm_small")
 def memorizing_transformer_lm_small(args):
     """6 x 256, 4 heads: the shape that trains at ~2K tokens/s on 2 CPU cores."""
-    args.decoder_layers = getattr(args, "decoder_layers", 6)
-    args.decoder_embed_dim = getattr(args, "decoder_embed_dim", 256)
-    args.decoder_ffn_embed_dim = getattr(args, "decoder_ffn_embed_dim", 1024)
-    args.decoder_attention_heads = getattr(args, "decoder_attention_heads", 4)
+    decoder_shape(args, layers=6, embed_dim=256, ffn_embed_dim=1024, heads=4)
     memorizing_transformer_lm(args)
 
 
 @register_model_architecture("memorizing_transformer_lm", "memorizing_transformer_lm_tiny")
 def memorizing_transformer_lm_tiny(args):
     """4 x 128, 4 heads of 32 dims: for tests and CPU demos."""
-    args.decoder_layers = getattr(args, "decoder_layers", 4)
-    args.decoder_embed_dim = getattr(args, "decoder_embed_dim", 128)
-    args.decoder_ffn_embed_dim = getattr(args, "decoder_ffn_embed_dim", 512)
-    args.decoder_attention_heads = getattr(args, "decoder_attention_heads", 4)
+    decoder_shape(args, layers=4, embed_dim=128, ffn_embed_dim=512, heads=4)
     args.memory_size = getattr(args, "memory_size", 8192)
     memorizing_transformer_lm(args)

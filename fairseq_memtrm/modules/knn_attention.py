@@ -12,7 +12,7 @@ Per head, the layer computes two attentions and mixes them with a learned gate:
   With ``memory_query="key"`` the token's own key is the memory query: the
   memory finds the past tokens whose keys resemble this one's (with the
   memory's shifted keys: the tokens that *followed* a match), which needs no
-  learned query/key alignment (README, Results).
+  learned query/key alignment.
 
 ``out = local * (1 - g) + memory * g`` with ``g = sigmoid(b_h)``.
 Where a query found nothing in memory, ``g`` is 0 for it, so an empty memory
@@ -21,10 +21,9 @@ gives plain local attention exactly.
 The gate bias ``b_h`` and the log-temperature are one scalar per head. Adam
 moves any parameter by about ``lr`` per update, so at a fine-tuning lr of 2e-4
 a gate bias stored as is could travel 0.2 in 1,000 updates: the gate would
-stay at its initial 0.5 (the first books run showed exactly that). They are
-therefore stored divided by ``memory_param_gain`` (a buffer saved with the
-checkpoint) and move that many times faster; ``gate_logits()`` and
-``memory_scale()`` give their effective values.
+barely leave its initial 0.5. They are therefore stored divided by
+``memory_param_gain`` (a buffer saved with the checkpoint) and move that many
+times faster; ``gate_logits()`` and ``memory_scale()`` give their effective values.
 
 Memory keys carry no position. A ``transformer_lm`` adds its (sinusoidal)
 positional embedding to the token embeddings, so the input of the first layer
@@ -103,8 +102,8 @@ class KNNAugmentedAttention(MultiheadAttention):
         self.register_buffer("memory_position_free", torch.tensor(bool(position_free_keys)))
         self.memory_gate = nn.Parameter(torch.full((num_heads,), float(memory_gate_init) / memory_param_gain))
         # Normalised q.k lies in [-1, 1]: the softmax over the k hits needs a high
-        # temperature to single out the best match (at sqrt(head_dim) ~ 6 a fine-tune
-        # of a few hundred updates saw near-uniform weights and closed the gate).
+        # temperature to single out the best match (at sqrt(head_dim) ~ 6 its weights
+        # are near-uniform).
         self.memory_log_scale = nn.Parameter(
             torch.full((num_heads,), math.log(memory_scale_init) / memory_param_gain)
         )
