@@ -22,9 +22,8 @@ gate; its *score* is the best cosine similarity any head gave it.
 """
 
 import threading
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -118,28 +117,6 @@ def check_document(token_ids: Sequence[int], max_tokens: int = MAX_DOCUMENT_TOKE
             f"the document has {len(token_ids):,} tokens; the demo reads at most {max_tokens:,}: "
             "cut it or upload a part of it"
         )
-
-
-@contextmanager
-def _bound(model, bank: MemoryBank, knn_k: int, record: bool):
-    """Give ``model`` this run's memory bank and k for one forward pass.
-
-    The model object is shared by every browser session, so the caller holds
-    the model lock; everything is restored afterwards."""
-    saved_bank = model.memory_bank
-    attentions = model.memory_attentions()
-    saved_k = [attention.knn_k for attention in attentions]
-    model.memory_bank = bank
-    model.set_record_retrievals(record)
-    for attention in attentions:
-        attention.knn_k = knn_k
-    try:
-        yield
-    finally:
-        model.memory_bank = saved_bank
-        model.set_record_retrievals(False)
-        for attention, k in zip(attentions, saved_k):
-            attention.knn_k = k
 
 
 def _token_losses(model, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -244,7 +221,7 @@ def build_report(
     gates = np.zeros((num_tokens, heads), dtype=np.float32)
 
     model.eval()
-    banks = {
+    banks: Dict[str, MemoryBank] = {  # this report's own: the model's bank stays untouched
         "memory": model.memory_bank.resized(memory_size),
         "no memory": model.memory_bank.resized(0),
     }
@@ -255,9 +232,10 @@ def build_report(
             target = tokens[start + 1 : start + segment_length + 1].unsqueeze(0).to(device)
             source = source[:, : target.size(1)]  # the last segment stops at the last prediction
             doc_start = torch.tensor([index == 0], device=device)
-            with lock, _bound(model, bank, knn_k, record=name == "memory"):
-                logits, _ = model(source, doc_start=doc_start, stream_id=f"{stream_id}/{name}")
-                record = attention.last_record
+            with lock:  # the model's layers are bound to one bank at a time; sessions share the model
+                logits, extra = model(source, doc_start=doc_start, stream_id=f"{stream_id}/{name}",
+                                      memory_bank=bank, knn_k=knn_k, record_retrievals=name == "memory")
+            record = extra.get("retrievals", {}).get(layer)
             seq_len = source.size(1)
             predicted = slice(start + 1, start + 1 + seq_len)  # query at t predicts token t + 1
             losses = _token_losses(model, logits, target).cpu().numpy()

@@ -11,6 +11,7 @@ from fairseq import checkpoint_utils, options, tasks, utils
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
 from fairseq_memtrm.errors import MemtrmUserError
+from fairseq_memtrm.models.memory_model import MemoryModel
 
 PACKAGE = os.path.dirname(os.path.abspath(__file__))  # the --user-dir
 
@@ -44,7 +45,7 @@ def load(checkpoint, data, subset, tokens_per_sample, batch_size, overrides, cpu
 
 def gate_values(model):
     """{layer: [sigmoid(b_h) per head]} for a model that uses memory, else {}."""
-    if not hasattr(model, "memory_attentions") or model.memory_bank.memory_size == 0:
+    if not isinstance(model, MemoryModel) or model.memory_bank.memory_size == 0:
         return {}
     return {str(layer): att.gate_values().tolist()
             for layer, att in zip(model.memory_layer_ids, model.memory_attentions())}

@@ -56,7 +56,7 @@ from fairseq import options, tasks  # noqa: E402
 from fairseq.data import Dictionary  # noqa: E402
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
 
-from fairseq_memtrm.memory import KNNMemory, memory_bytes  # noqa: E402
+from fairseq_memtrm.memory import KNNMemory, MemoryStore, memory_bytes  # noqa: E402
 from fairseq_memtrm.memory.search import BACKENDS, parse_backend_spec  # noqa: E402
 from fairseq_memtrm.modules.knn_attention import MEMORY_STATE  # noqa: E402
 
@@ -286,8 +286,8 @@ def capture_memory(model, document: bytes, num_tokens: int, segment: int) -> Dic
     attention = model.memory_attentions()[0]
     keys, values = [], []
     for start, hidden in hidden_states_of(model, document_tokens(document, num_tokens)[:num_tokens], segment):
-        keys.append(F.normalize(attention._split_heads(attention.k_proj(hidden))[0], dim=-1))
-        values.append(attention._split_heads(attention.v_proj(hidden))[0])
+        keys.append(F.normalize(attention.split_heads(attention.k_proj(hidden))[0], dim=-1))
+        values.append(attention.split_heads(attention.v_proj(hidden))[0])
         if (start // segment) % 128 == 0:
             logger.info("capturing keys: %d / %d tokens", start, num_tokens)
     return {"keys": torch.cat(keys, dim=1), "values": torch.cat(values, dim=1)}
@@ -300,13 +300,13 @@ def capture_queries(model, document: bytes, num_tokens: int, segment: int, count
     attention = model.memory_attentions()[0]
     tokens = document_tokens(document, num_tokens + count * segment + 1)
     after = tokens[num_tokens : num_tokens + count * segment]
-    queries = [F.normalize(attention._split_heads(attention.q_proj(hidden))[0], dim=-1)
+    queries = [F.normalize(attention.split_heads(attention.q_proj(hidden))[0], dim=-1)
                for _, hidden in hidden_states_of(model, after, segment)]
     return {"query_segments": torch.stack(queries), "queries": queries[0],
             "segment_tokens": tokens[None, num_tokens : num_tokens + segment + 1]}
 
 
-def fill(memory: KNNMemory, keys: torch.Tensor, values: torch.Tensor, chunk: int = 8192) -> None:
+def fill(memory: MemoryStore, keys: torch.Tensor, values: torch.Tensor, chunk: int = 8192) -> None:
     """Write ``keys``/``values`` (H, N, D) into stream 0 of ``memory``, in chunks."""
     for start in range(0, keys.size(1), chunk):
         memory.add(keys[None, :, start : start + chunk], values[None, :, start : start + chunk])
@@ -383,6 +383,16 @@ def interleaved_medians(first, second, repeats: int, warmup: int) -> Tuple[float
     return statistics.median(t for t, _ in times), statistics.median(t for _, t in times)
 
 
+def full_bank(model, captured, memory_size: int, backend: str):
+    """A bank like the model's, of ``memory_size`` tokens searched by ``backend``, whose
+    stream set "bench" (one stream) holds the first ``memory_size`` captured keys."""
+    bank = model.memory_bank.resized(memory_size, backend)
+    memories = bank.select("bench", 1, torch.ones(1, dtype=torch.bool), captured["segment_tokens"].device)
+    for memory in memories.values():
+        fill(memory, captured["keys"][:, :memory_size], captured["values"][:, :memory_size])
+    return bank
+
+
 def training_step(model, tokens: torch.Tensor, **net_input):
     """A closure: one forward, backward and Adam update of ``model`` on ``tokens``."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
@@ -399,17 +409,13 @@ def bench_step(model, vanilla, captured, memory_size: int, backend: str, args) -
     """Training step time with a full memory vs the vanilla model, same segment,
     timed alternately."""
     tokens = captured["segment_tokens"]
-    model.memory_bank.clear()
-    model.memory_bank.memory_size, model.memory_bank.backend = memory_size, backend
-    memories = model.memory_bank.select("bench", 1, torch.ones(1, dtype=torch.bool), tokens.device)
-    for memory in memories.values():
-        fill(memory, captured["keys"][:, :memory_size], captured["values"][:, :memory_size])
+    bank = full_bank(model, captured, memory_size, backend)
     model.train()
     vanilla.train()
-    memorizing_step = training_step(model, tokens, doc_start=torch.zeros(1, dtype=torch.bool), stream_id="bench")
+    memorizing_step = training_step(model, tokens, doc_start=torch.zeros(1, dtype=torch.bool), stream_id="bench",
+                                    memory_bank=bank)
     step_s, vanilla_s = interleaved_medians(memorizing_step, training_step(vanilla, tokens), args.repeats,
                                             args.warmup)
-    model.memory_bank.clear()
     return {"memory_size": memory_size, "backend": backend, "step_s": step_s, "vanilla_step_s": vanilla_s,
             "relative_to_vanilla": step_s / vanilla_s}
 
@@ -424,18 +430,15 @@ def profile_step(model, captured, args) -> Dict:
     from torch.profiler import ProfilerActivity, profile
 
     tokens = captured["segment_tokens"]
-    model.memory_bank.clear()
-    model.memory_bank.memory_size, model.memory_bank.backend = args.profile_size, args.profile_backend
-    memories = model.memory_bank.select("bench", 1, torch.ones(1, dtype=torch.bool), tokens.device)
-    for memory in memories.values():
-        fill(memory, captured["keys"][:, : args.profile_size], captured["values"][:, : args.profile_size])
+    bank = full_bank(model, captured, args.profile_size, args.profile_backend)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
     model.train()
 
     def step():
         optimizer.zero_grad()
         with torch.profiler.record_function("forward"):
-            loss = lm_loss(model, tokens, doc_start=torch.zeros(1, dtype=torch.bool), stream_id="bench")
+            loss = lm_loss(model, tokens, doc_start=torch.zeros(1, dtype=torch.bool), stream_id="bench",
+                           memory_bank=bank)
         with torch.profiler.record_function("backward"):
             loss.backward()
         with torch.profiler.record_function("optimizer"):
@@ -453,7 +456,6 @@ def profile_step(model, captured, args) -> Dict:
         if event.key in ("forward", "backward", "optimizer", "knn_memory.search", "knn_memory.add")
     }
     table = events.table(sort_by="self_cpu_time_total", row_limit=15)
-    model.memory_bank.clear()
     return {"memory_size": args.profile_size, "backend": args.profile_backend,
             "seconds_per_step": labelled, "top_ops": table}
 

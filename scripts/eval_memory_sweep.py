@@ -46,6 +46,7 @@ from fairseq.data import Dictionary  # noqa: E402
 from fairseq_memtrm.diagnostics import copy_score, load_passages, plant_passage, planted_passage_loss  # noqa: E402
 from fairseq_memtrm.errors import MemtrmUserError  # noqa: E402
 from fairseq_memtrm.evaluation import gate_values, load, summarise  # noqa: E402
+from fairseq_memtrm.models.memory_model import MemoryModel  # noqa: E402
 
 logger = logging.getLogger("eval_memory_sweep")
 
@@ -65,15 +66,14 @@ def score(model, task, subset, tokens_per_sample, batch_size, far_position, log_
                                          default_log_format="tqdm")
     pad = task.target_dictionary.pad()
     device = next(model.parameters()).device
-    recording = hasattr(model, "set_record_retrievals")
-    if recording:
-        model.set_record_retrievals(True)
+    recording = isinstance(model, MemoryModel)
     losses, docs, positions, types = [], [], [], []
     top1_scores, distances, top1_holds_next, next_seen = [], [], [], []
     doc_tokens = {}  # doc id -> its source tokens so far, by document position (retrieval quality)
     for sample in progress:
         sample = utils.move_to_cuda(sample, device) if device.type == "cuda" else sample
-        net_output = model(**sample["net_input"])
+        net_input = dict(sample["net_input"], record_retrievals=True) if recording else sample["net_input"]
+        net_output = model(**net_input)
         lprobs = model.get_normalized_probs(net_output, log_probs=True, sample=sample)
         target = sample["target"]
         nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
@@ -85,10 +85,7 @@ def score(model, task, subset, tokens_per_sample, batch_size, far_position, log_
         positions.append(position[mask].cpu())
         types.append(target[mask].cpu())
         if recording:
-            for attention in model.memory_attentions():
-                record = attention.last_record
-                if record is None:
-                    continue
+            for record in net_output[1]["retrievals"].values():  # layers that retrieved something
                 found = record.retrieval.mask[..., 0]  # (B, H, T)
                 top1_scores.append(record.retrieval.scores[..., 0][found].float().cpu())
                 query_position = position.unsqueeze(1).expand_as(found)  # = its source token's memory position
@@ -97,8 +94,6 @@ def score(model, task, subset, tokens_per_sample, batch_size, far_position, log_
                 top1_holds_next.append(holds)
                 next_seen.append(seen)
             remember_source_tokens(doc_tokens, sample, position, mask)
-    if recording:
-        model.set_record_retrievals(False)
     result = {
         "loss": torch.cat(losses).numpy(),
         "doc": torch.cat(docs).numpy(),

@@ -47,13 +47,12 @@ AGE_BINS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 1 << 62]
 
 
 def token_memory(model):
-    """The first memory layer's token ring for the training streams (KNNMemory)."""
+    """The first memory layer's store for the training streams (a MemoryStore)."""
     memories = model.memory_bank.memories(TRAIN_STREAMS)
     if not memories:
         raise MemtrmUserError("the model has no memory for the training streams: use a memory model "
                               "(memorizing_transformer_lm or longmem_sidenet_lm) with --memory-size > 0")
-    memory = memories[0]
-    return getattr(memory, "tokens", memory)  # a ChunkedKNNMemory keeps its tokens in .tokens
+    return memories[0]
 
 
 class WriteLog:
@@ -78,17 +77,15 @@ class WriteLog:
 
 @torch.no_grad()
 def recomputed_keys(model, segments, device):
-    """The memory a fresh one-stream pass over ``segments`` leaves (eval mode)."""
+    """The entries a fresh one-stream pass over ``segments`` leaves (eval mode)."""
     stream_set = "staleness"
     model.memory_bank.clear(stream_set)
     for index, segment in enumerate(segments):
         model(segment.unsqueeze(0).to(device), doc_start=torch.tensor([index == 0], device=device),
               stream_id=stream_set)
-    memories = model.memory_bank.memories(stream_set)
-    memory = getattr(memories[0], "tokens", memories[0])
-    keys, positions = memory.keys[0].float().clone(), memory.positions[0].clone()
+    entries = model.memory_bank.memories(stream_set)[0].entries(0)
     model.memory_bank.clear(stream_set)
-    return keys, positions  # (H, capacity, D), (capacity,)
+    return entries.keys.float(), entries.positions  # (H, N, D), (N,)
 
 
 def staleness(model, log: WriteLog, final_update: int, device):
@@ -100,11 +97,12 @@ def staleness(model, log: WriteLog, final_update: int, device):
         if not segments or stored.num_valid(stream) == 0:
             continue
         keys, positions = recomputed_keys(model, segments, device)
-        valid = stored.num_valid(stream)
-        stored_positions = stored.positions[stream, :valid]
+        entries = stored.entries(stream)
+        valid = entries.positions.numel()
+        stored_positions = entries.positions
         if not torch.equal(stored_positions, positions[:valid]):
             raise RuntimeError(f"stream {stream}: recomputation wrote other positions than training")
-        cosine = F.cosine_similarity(stored.keys[stream, :, :valid].float(), keys[:, :valid], dim=-1)  # (H, N)
+        cosine = F.cosine_similarity(entries.keys.float(), keys[:, :valid], dim=-1)  # (H, N)
         written_at = torch.tensor(log.written_at[stream])[stored_positions.cpu()]
         cosines.append(cosine.flatten().cpu())
         ages.append((final_update - written_at + 1).repeat(cosine.size(0)))

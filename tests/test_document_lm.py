@@ -267,17 +267,16 @@ def planted_documents(tokens_per_sample, seed=0):
 def retrieval_positions(model, streams, keep_doc_start=True):
     """Per (batch, row) with a document: (doc, segment, retrieved positions) of every memory layer."""
     found = []
-    model.set_record_retrievals(True)
     model.memory_bank.clear()
     for index in range(len(streams)):
         batch = streams[index]
-        net_input = dict(batch["net_input"])
+        net_input = dict(batch["net_input"], record_retrievals=True)
         if not keep_doc_start:  # the control: never reset after the first batch
             net_input["doc_start"] = torch.full_like(net_input["doc_start"], index == 0)
         with torch.no_grad():
-            model(**net_input)
-        for attention in model.memory_attentions():
-            record = attention.last_record
+            _, extra = model(**net_input)
+        for layer in model.memory_layer_ids:
+            record = extra["retrievals"].get(layer)
             for row in range(len(batch["doc_id"])):
                 doc, segment = int(batch["doc_id"][row]), int(batch["segment"][row])
                 if doc < 0:

@@ -7,6 +7,7 @@ from fairseq.modules import MultiheadAttention
 
 from fairseq_memtrm.memory import KNNMemory
 from fairseq_memtrm.modules import KNNAugmentedAttention
+from fairseq_memtrm.modules.knn_attention import MemoryBinding
 
 E, H, T, B = 16, 4, 6, 2
 D = E // H
@@ -36,20 +37,23 @@ def test_without_memory_it_is_plain_attention():
     expected, _ = plain(x, x, x, attn_mask=causal_mask(T), need_weights=False)
     got, _ = knn(x, x, x, attn_mask=causal_mask(T), need_weights=False)
     torch.testing.assert_close(got, expected)
-    knn.memory = KNNMemory(B, H, D, memory_size=32)  # bound but empty
-    got, _ = knn(x, x, x, attn_mask=causal_mask(T), need_weights=False)
+    with knn.bind(MemoryBinding(KNNMemory(B, H, D, memory_size=32))):  # bound but empty
+        got, _ = knn(x, x, x, attn_mask=causal_mask(T), need_weights=False)
     torch.testing.assert_close(got, expected)
+    assert knn.binding is None  # the binding ends with its block
 
 
 def test_empty_stream_gets_local_attention_while_others_use_memory():
     plain, knn = pair(gate_init=2.0)
-    knn.memory = KNNMemory(B, H, D, memory_size=32)
+    memory = KNNMemory(B, H, D, memory_size=32)
     first = torch.randn(T, B, E)
-    knn(first, first, first, attn_mask=causal_mask(T), need_weights=False)  # fills both streams
-    knn.memory.reset(torch.tensor([False, True]))
+    with knn.bind(MemoryBinding(memory)):
+        knn(first, first, first, attn_mask=causal_mask(T), need_weights=False)  # fills both streams
+    memory.reset(torch.tensor([False, True]))
     x = torch.randn(T, B, E)
     expected, _ = plain(x, x, x, attn_mask=causal_mask(T), need_weights=False)
-    got, _ = knn(x, x, x, attn_mask=causal_mask(T), need_weights=False)
+    with knn.bind(MemoryBinding(memory)):
+        got, _ = knn(x, x, x, attn_mask=causal_mask(T), need_weights=False)
     torch.testing.assert_close(got[:, 1], expected[:, 1], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(got[:, 0], expected[:, 0], atol=1e-3)
 
@@ -60,11 +64,11 @@ def test_output_matches_by_hand_reference(memory_query, shift_keys):
     the memory queried with the token's query or its key, entries keyed by their own
     token or (shifted) by the previous one."""
     plain, knn = pair(gate_init=0.5, knn_k=4, memory_query=memory_query)
-    knn.memory = KNNMemory(B, H, D, memory_size=64, shift_keys=shift_keys)
     past = torch.randn(T, B, E)
-    knn(past, past, past, attn_mask=causal_mask(T), need_weights=False)
     x = torch.randn(T, B, E)
-    got, _ = knn(x, x, x, attn_mask=causal_mask(T), need_weights=False)
+    with knn.bind(MemoryBinding(KNNMemory(B, H, D, memory_size=64, shift_keys=shift_keys))):
+        knn(past, past, past, attn_mask=causal_mask(T), need_weights=False)
+        got, _ = knn(x, x, x, attn_mask=causal_mask(T), need_weights=False)
 
     with torch.no_grad():
         local = []
@@ -95,21 +99,22 @@ def test_retrieve_before_write_and_gradient_only_to_queries():
     _, knn = pair(gate_init=1.0)
     knn.train()
     knn.dropout_module.p = 0.0
-    knn.memory = KNNMemory(B, H, D, memory_size=64)
-    knn.record_retrievals = True
+    memory = KNNMemory(B, H, D, memory_size=64)
     x = torch.randn(T, B, E)
-    knn(x, x, x, attn_mask=causal_mask(T), need_weights=False)
-    assert knn.last_record is None  # first segment: nothing to retrieve
-    assert knn.memory.num_valid(0) == T  # ...but it was written
+    with knn.bind(MemoryBinding(memory, record_retrievals=True)) as binding:
+        knn(x, x, x, attn_mask=causal_mask(T), need_weights=False)
+    assert binding.record is None  # first segment: nothing to retrieve
+    assert memory.num_valid(0) == T  # ...but it was written
     y = torch.randn(T, B, E, requires_grad=True)
-    out, _ = knn(y, y, y, attn_mask=causal_mask(T), need_weights=False)
-    positions = knn.last_record.retrieval.positions
+    with knn.bind(MemoryBinding(memory, record_retrievals=True)) as binding:
+        out, _ = knn(y, y, y, attn_mask=causal_mask(T), need_weights=False)
+    positions = binding.record.retrieval.positions
     assert positions.max() < T and positions.min() >= 0  # only the first segment, never itself
-    assert knn.memory.num_valid(0) == 2 * T
+    assert memory.num_valid(0) == 2 * T
     out.sum().backward()
     assert knn.memory_gate.grad is not None and knn.memory_gate.grad.abs().sum() > 0
     assert knn.memory_log_scale.grad.abs().sum() > 0
-    assert not knn.memory.keys.requires_grad
+    assert not memory.keys.requires_grad
 
 
 def test_memory_scalars_move_gain_times_faster_and_old_checkpoints_keep_their_values():
@@ -147,18 +152,16 @@ def test_position_free_keys_come_from_the_memory_input(memory_query):
     _, knn = pair(gate_init=1.0, memory_query=memory_query)
     knn.memory_position_free.fill_(True)
     x, x_free = torch.randn(T, B, E), torch.randn(T, B, E)
-    knn.memory = KNNMemory(B, H, D, memory_size=32)
-    knn.memory_input = x_free
-    knn.record_retrievals = True
-    knn(x, x, x, attn_mask=causal_mask(T), need_weights=False)  # empty memory: writes only
-    keys = F.normalize(split_heads(knn.k_proj(x_free)), dim=-1)
-    torch.testing.assert_close(knn.memory.keys[:, :, :T], keys)
-    knn(x, x, x, attn_mask=causal_mask(T), need_weights=False)  # the same segment again
-    record = knn.last_record.retrieval
+    memory = KNNMemory(B, H, D, memory_size=32)
+    with knn.bind(MemoryBinding(memory, memory_input=x_free, record_retrievals=True)) as binding:
+        knn(x, x, x, attn_mask=causal_mask(T), need_weights=False)  # empty memory: writes only
+        keys = F.normalize(split_heads(knn.k_proj(x_free)), dim=-1)
+        torch.testing.assert_close(memory.keys[:, :, :T], keys)
+        knn(x, x, x, attn_mask=causal_mask(T), need_weights=False)  # the same segment again
+    record = binding.record.retrieval
     project = knn.k_proj if memory_query == "key" else knn.q_proj
     queries = F.normalize(split_heads(project(x_free)), dim=-1)
     expected = torch.einsum("bhtd,bhsd->bhts", queries, keys).topk(3, dim=-1)
     torch.testing.assert_close(record.scores, expected.values)
-    knn.memory_input = None
-    with pytest.raises(RuntimeError, match="memory_input"):
+    with pytest.raises(RuntimeError, match="memory_input"), knn.bind(MemoryBinding(memory)):
         knn(x, x, x, attn_mask=causal_mask(T), need_weights=False)

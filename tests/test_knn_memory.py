@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fairseq_memtrm.memory import KNNMemory, MemoryBank, memory_bytes
+from fairseq_memtrm.memory import ChunkedKNNMemory, KNNMemory, MemoryBank, MemoryStore, memory_bytes
 from fairseq_memtrm.errors import MemtrmUserError
 
 B, H, D = 3, 2, 8
@@ -57,11 +57,12 @@ def test_ring_buffer_keeps_exactly_the_newest_entries_in_order():
     total = all_keys.size(1)
     assert memory.num_valid(0) == 50
     # slot of document position p is p % memory_size; the held positions are the newest 50
-    positions = memory.positions[0, :50]
+    entries = memory.entries(0)
+    positions = entries.positions
     assert sorted(positions.tolist()) == list(range(total - 50, total))
     for slot, pos in enumerate(positions.tolist()):
         assert slot == pos % 50
-        torch.testing.assert_close(memory.keys[0, :, slot], all_keys[:, pos])
+        torch.testing.assert_close(entries.keys[:, slot], all_keys[:, pos])
     # a query equal to an evicted key cannot find it; one equal to a held key finds itself first
     evicted, held = all_keys[:, total - 51], all_keys[:, total - 1]
     found = memory.search(torch.stack([evicted, held], dim=1)[None] * 100, k=50)
@@ -209,3 +210,21 @@ def test_shifted_keys_pair_each_value_with_the_previous_tokens_key(backend):
 def test_shifted_keys_need_token_retrieval():
     with pytest.raises(MemtrmUserError, match="--memory-chunk-size 1"):
         MemoryBank({0: (H, D)}, memory_size=32, dtype="fp32", backend="exact", chunk_size=4, shift_keys=True)
+
+
+@pytest.mark.parametrize("store", ["tokens", "chunks"])
+def test_stores_share_one_interface_and_entries_are_copies(store):
+    """Both stores are MemoryStores; ``entries`` shows what a stream holds (every
+    token's own key and value, for the chunked store too) and changing it changes nothing."""
+    g = torch.Generator().manual_seed(9)
+    memory = KNNMemory(2, H, D, memory_size=16) if store == "tokens" else ChunkedKNNMemory(2, H, D, 16, chunk_size=4)
+    assert isinstance(memory, MemoryStore)
+    assert (memory.num_streams, memory.num_heads, memory.head_dim, memory.memory_size) == (2, H, D, 16)
+    assert memory.entries(0).keys.shape == (H, 0, D) and memory.is_empty()
+    keys, values = random_segment(g, seq_len=10, bsz=2)
+    memory.add(keys, values, torch.tensor([[True] * 10, [True] * 6 + [False] * 4]))
+    entries = memory.entries(1)
+    assert entries.keys.shape == (H, 6, D) and entries.positions.tolist() == list(range(6))
+    torch.testing.assert_close(entries.values, values[1, :, :6])
+    entries.keys.zero_()
+    torch.testing.assert_close(memory.entries(1).keys, keys[1, :, :6])

@@ -18,7 +18,7 @@ from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 from fairseq_memtrm.errors import MemtrmUserError
 from fairseq_memtrm.memory import KNNMemory, MemoryBank
 from fairseq_memtrm.memory.chunked_memory import ChunkedKNNMemory
-from fairseq_memtrm.modules.knn_attention import KNNAugmentedAttention
+from fairseq_memtrm.modules.knn_attention import KNNAugmentedAttention, MemoryBinding
 from fairseq_memtrm.modules.side_network import side_layer_spans
 from lm_builders import TINY, build, random_tokens, save_checkpoint, write_dictionary
 
@@ -197,14 +197,14 @@ def test_bad_inputs_get_clear_errors(data_dir, backbones, tmp_path):
 
 def test_side_attention_that_does_not_write_leaves_the_memory_alone():
     attention = KNNAugmentedAttention(16, 2, knn_k=4)
-    attention.memory = KNNMemory(1, 2, 8, 32)
-    attention.write_memory = False
+    memory = KNNMemory(1, 2, 8, 32)
     x = torch.randn(5, 1, 16)
-    attention(x, x, x)
-    assert attention.memory.is_empty()
-    attention.write_memory = True
-    attention(x, x, x)
-    assert int(attention.memory.written[0]) == 5
+    with attention.bind(MemoryBinding(memory, write=False)):
+        attention(x, x, x)
+    assert memory.is_empty()
+    with attention.bind(MemoryBinding(memory)):
+        attention(x, x, x)
+    assert memory.num_valid(0) == 5
 
 
 def brute_force_chunks(history, query, c, kc, memory_size, written):
@@ -257,12 +257,12 @@ def test_bank_builds_chunked_memories_that_the_knn_layer_reads():
     memory = bank.select("s", 1, None, torch.device("cpu"))[0]
     assert isinstance(memory, ChunkedKNNMemory)
     attention = KNNAugmentedAttention(16, 2, knn_k=8, memory_gate_init=5.0).eval()
-    attention.memory = memory
     x = torch.randn(6, 1, 16)
-    plain_out = attention(x, x, x)[0]  # 6 tokens: one complete chunk written
-    attention.record_retrievals = True
-    out = attention(x, x, x)[0]
-    record = attention.last_record
+    with attention.bind(MemoryBinding(memory)):
+        plain_out = attention(x, x, x)[0]  # 6 tokens: one complete chunk written
+    with attention.bind(MemoryBinding(memory, record_retrievals=True)) as binding:
+        out = attention(x, x, x)[0]
+    record = binding.record
     # k = 8 asks for 2 chunks of 4; the memory holds one: no wider than what it can return
     assert record.retrieval.positions.shape[-1] == 4
     assert set(record.retrieval.positions[record.retrieval.mask].tolist()) == {0, 1, 2, 3}

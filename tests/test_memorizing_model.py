@@ -89,11 +89,10 @@ def test_incompatible_checkpoints_get_clear_errors(data_dir, tmp_path):
 def run_segments(model, segments, doc_starts, stream_id="test"):
     """Feed (B, T) segments in order; returns each segment's retrieval record."""
     records = []
-    model.set_record_retrievals(True)
     with torch.no_grad():
         for tokens, doc_start in zip(segments, doc_starts):
-            model(tokens, doc_start=torch.tensor(doc_start), stream_id=stream_id)
-            records.append(model.memory_attentions()[0].last_record)
+            _, extra = model(tokens, doc_start=torch.tensor(doc_start), stream_id=stream_id, record_retrievals=True)
+            records.append(extra["retrievals"].get(model.memory_layer_ids[0]))
     return records
 
 

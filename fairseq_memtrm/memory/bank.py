@@ -1,4 +1,4 @@
-"""Which memory a forward pass reads: one ``KNNMemory`` per stream set and layer.
+"""Which memory a forward pass reads: one :class:`MemoryStore` per stream set and layer.
 
 A *stream set* names a family of streams that read documents in order:
 ``"train"``, ``"valid"``, ``"test"``, a demo session id. Validation in the
@@ -18,6 +18,7 @@ from fairseq_memtrm.errors import MemtrmUserError
 
 from .chunked_memory import ChunkedKNNMemory
 from .knn_memory import KNNMemory, memory_bytes
+from .store import MemoryStore
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +54,14 @@ class MemoryBank:
         self.backend = backend
         self.chunk_size = chunk_size
         self.shift_keys = shift_keys
-        self.stream_sets: Dict[str, Dict[int, KNNMemory]] = {}
+        self.stream_sets: Dict[str, Dict[int, MemoryStore]] = {}
 
-    def resized(self, memory_size: int) -> "MemoryBank":
+    def resized(self, memory_size: int, backend: Optional[str] = None) -> "MemoryBank":
         """A new, empty bank like this one (layers, dtype, backend, chunks, key
-        shift) holding ``memory_size`` tokens per stream."""
-        return MemoryBank(self.layers, memory_size, self.dtype, self.backend, self.chunk_size, self.shift_keys)
+        shift) holding ``memory_size`` tokens per stream (searched by ``backend``
+        where given)."""
+        return MemoryBank(self.layers, memory_size, self.dtype, backend or self.backend, self.chunk_size,
+                          self.shift_keys)
 
     def bytes_per_stream(self) -> int:
         if self.chunk_size > 1:  # the token ring is searched by nobody; chunk means by the backend
@@ -71,7 +74,7 @@ class MemoryBank:
             memory_bytes(self.memory_size, h, d, self.dtype, self.backend) for h, d in self.layers.values()
         )
 
-    def _build_memory(self, num_streams: int, heads: int, dim: int):
+    def _build_memory(self, num_streams: int, heads: int, dim: int) -> MemoryStore:
         if self.chunk_size > 1:
             return ChunkedKNNMemory(num_streams, heads, dim, self.memory_size, self.chunk_size,
                                     self.dtype, self.backend)
@@ -81,7 +84,7 @@ class MemoryBank:
         """Fail before any work when ``num_streams`` full memories would not fit."""
         need = num_streams * self.bytes_per_stream()
         held = sum(
-            len(next(iter(m.values())).written) * self.bytes_per_stream()
+            next(iter(m.values())).num_streams * self.bytes_per_stream()
             for m in self.stream_sets.values()
             if m
         )
@@ -96,7 +99,7 @@ class MemoryBank:
 
     def select(
         self, stream_set: str, num_streams: int, doc_start: Optional[Tensor], device: torch.device
-    ) -> Dict[int, KNNMemory]:
+    ) -> Dict[int, MemoryStore]:
         """The memories for this batch, with streams at ``doc_start`` reset.
 
         ``doc_start`` None means the batch carries no document structure (e.g.
@@ -104,11 +107,11 @@ class MemoryBank:
         only spans the segments of one batch... which is none: it stays empty.
         """
         memories = self.stream_sets.get(stream_set)
-        if memories is not None and len(next(iter(memories.values())).written) != num_streams:
+        held_streams = next(iter(memories.values())).num_streams if memories else num_streams
+        if memories is not None and held_streams != num_streams:
             if doc_start is not None and not bool(doc_start.all()):
                 raise MemtrmUserError(
-                    f"stream set {stream_set!r} changed from "
-                    f"{len(next(iter(memories.values())).written)} to {num_streams} streams in the "
+                    f"stream set {stream_set!r} changed from {held_streams} to {num_streams} streams in the "
                     "middle of its documents; keep --batch-size fixed within an epoch"
                 )
             memories = None
@@ -135,5 +138,6 @@ class MemoryBank:
         else:
             self.stream_sets.pop(stream_set, None)
 
-    def memories(self, stream_set: str) -> List[KNNMemory]:
+    def memories(self, stream_set: str) -> List[MemoryStore]:
+        """The stores of ``stream_set``, one per memory layer in the order of ``layers`` (none before its first batch)."""
         return list(self.stream_sets.get(stream_set, {}).values())

@@ -7,10 +7,9 @@ still reads ``k`` (key, value) pairs but the search covers ``chunk_size`` times
 fewer entries, and each hit brings its neighbours along (a phrase, not a lone
 token).
 
-``ChunkedKNNMemory`` answers the same interface as :class:`KNNMemory`
-(``reset``, ``search``, ``add``, ``is_empty``, ``written``, ``memory_size``), so
-the kNN attention layer and the memory bank use it unchanged. It is built from
-two plain ``KNNMemory`` ring buffers:
+``ChunkedKNNMemory`` is a :class:`~fairseq_memtrm.memory.store.MemoryStore`
+like :class:`KNNMemory`, so the kNN attention layer and the memory bank use it
+unchanged. It is built from two plain ``KNNMemory`` ring buffers:
 
 * ``tokens``: every token's key and value (``memory_size`` per stream);
 * ``chunks``: one mean key per *complete* chunk (``memory_size // chunk_size``
@@ -31,10 +30,11 @@ from torch import Tensor
 
 from fairseq_memtrm.errors import MemtrmUserError
 
-from .knn_memory import KNNMemory, Retrieval
+from .knn_memory import KNNMemory
+from .store import MemoryStore, Retrieval, StoredEntries
 
 
-class ChunkedKNNMemory:
+class ChunkedKNNMemory(MemoryStore):
     """Per stream and head: a token ring plus a ring of chunk mean keys."""
 
     def __init__(self, num_streams: int, num_heads: int, head_dim: int, memory_size: int,
@@ -76,6 +76,10 @@ class ChunkedKNNMemory:
         self.tokens.reset(streams)
         self.chunks.reset(streams)
 
+    def entries(self, stream: int) -> StoredEntries:
+        """The token ring's entries (every token's own key and value, not the chunk means)."""
+        return self.tokens.entries(stream)
+
     # ------------------------------------------------------------- interface
     @torch.no_grad()
     def add(self, keys: Tensor, values: Tensor, token_mask: Optional[Tensor] = None) -> None:
@@ -104,9 +108,10 @@ class ChunkedKNNMemory:
             # every token of a just-completed chunk is still in the token ring:
             # it was written at most memory_size tokens ago
             positions = (first_chunk[stream] + torch.arange(count, device=keys.device)).unsqueeze(1) * c + offsets
-            slots = (positions % self.memory_size).view(-1)
-            stored_keys = self.tokens.keys[stream][:, slots].view(heads, count, c, dim)
-            stored_values = self.tokens.values[stream][:, slots].view(heads, count, c, dim)
+            slots = (positions % self.memory_size).view(1, 1, -1).expand(heads, 1, -1)
+            stored_keys, stored_values, _ = self.tokens.gather(stream, slots)  # (H, 1, count * c, D)
+            stored_keys = stored_keys.view(heads, count, c, dim)
+            stored_values = stored_values.view(heads, count, c, dim)
             chunk_keys[stream, :, :count] = stored_keys.float().mean(dim=2).to(keys.dtype)
             chunk_values[stream, :, :count] = stored_values.float().mean(dim=2).to(keys.dtype)
             chunk_mask[stream, :count] = True
@@ -136,11 +141,7 @@ class ChunkedKNNMemory:
             if self.tokens.num_valid(stream) == 0:
                 continue
             slots = (positions[stream].clamp(min=0) % self.memory_size)  # (H, T, k')
-            rows = (slots + self.tokens.head_offsets(queries.device).view(heads, 1, 1)).view(-1)
-            shape = (heads, seq_len, num_chunks * c, dim)
-            out_keys[stream] = self.tokens.keys[stream].view(-1, dim).index_select(0, rows).view(shape)
-            out_values[stream] = self.tokens.values[stream].view(-1, dim).index_select(0, rows).view(shape)
-            stored_positions[stream] = self.tokens.positions[stream][slots]
+            out_keys[stream], out_values[stream], stored_positions[stream] = self.tokens.gather(stream, slots)
         # a token the ring has overwritten since its chunk was indexed is not returned
         mask = chunk_found & stored_positions.eq(positions)
         positions = positions.masked_fill(~mask, -1)

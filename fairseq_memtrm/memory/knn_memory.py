@@ -13,20 +13,19 @@ This one class owns all memory state. Its invariants (each one tested in
   (the previous token of the same document, carried across segments; a
   document's first token keys itself) and the value of ``p``.
 
-The order of operations per segment is the caller's: reset the streams that
-start a document, ``search`` with the segment's queries, then ``add`` the
-segment's keys, so a segment never retrieves itself.
+It implements :class:`~fairseq_memtrm.memory.store.MemoryStore`; the order
+of operations per segment is the caller's (see there).
 """
 
 import inspect
 import logging
-from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .search import build_backend, parse_backend_spec
+from .store import MemoryStore, Retrieval, StoredEntries  # noqa: F401  (Retrieval: imported from here too)
 
 logger = logging.getLogger(__name__)
 
@@ -44,18 +43,7 @@ def memory_bytes(memory_size: int, num_heads: int, head_dim: int, dtype: str = "
     return memory_size * (num_heads * head_dim * 2 * element + 8 + index)
 
 
-@dataclass
-class Retrieval:
-    """The top-k entries found for each query. Shapes: (B, H, T, k[, D])."""
-
-    keys: Tensor  # (B, H, T, k, D), detached, in the queries' dtype
-    values: Tensor  # (B, H, T, k, D), detached
-    scores: Tensor  # (B, H, T, k) inner products; -inf where invalid
-    positions: Tensor  # (B, H, T, k) int64 position in the document; -1 where invalid
-    mask: Tensor  # (B, H, T, k) bool, True where an entry was found
-
-
-class KNNMemory:
+class KNNMemory(MemoryStore):
     """Ring-buffer memory of ``memory_size`` tokens per stream, for every head.
 
     Storage grows on demand (doubling) up to ``memory_size``, so short
@@ -108,6 +96,15 @@ class KNNMemory:
     def is_empty(self) -> bool:
         return bool((self.written == 0).all()) or self.memory_size == 0
 
+    def entries(self, stream: int) -> StoredEntries:
+        """Copies of ring slots ``[0, num_valid(stream))``: keys, values (H, N, D), positions (N,)."""
+        valid = self.num_valid(stream)
+        if self.keys is None or valid == 0:
+            empty = torch.zeros(self.num_heads, 0, self.head_dim, dtype=self.dtype)
+            return StoredEntries(empty, empty.clone(), torch.zeros(0, dtype=torch.long))
+        return StoredEntries(self.keys[stream, :, :valid].clone(), self.values[stream, :, :valid].clone(),
+                             self.positions[stream, :valid].clone())
+
     def reset(self, streams: Optional[Tensor] = None) -> None:
         """Forget the memory of ``streams`` (bool[B]; None = all streams)."""
         if streams is None:
@@ -138,9 +135,18 @@ class KNNMemory:
             positions[:, : self.capacity] = self.positions
         self.keys, self.values, self.positions, self.capacity = keys, values, positions, capacity
 
-    def head_offsets(self, device: torch.device) -> Tensor:
-        """(H,) first row of each head in a stream's storage viewed as (H * capacity, D)."""
-        return torch.arange(self.num_heads, device=device) * self.capacity
+    def gather(self, stream: int, slots: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """The entries of ``stream`` at ring ``slots`` (H, T, n), each head its own:
+        keys and values (H, T, n, D), positions (H, T, n)."""
+        heads, seq_len, count = slots.shape
+        # one index_select over (H * capacity) rows: a gather with an
+        # expanded index is several times slower on CPU
+        head_offsets = torch.arange(heads, device=slots.device) * self.capacity
+        rows = (slots + head_offsets.view(heads, 1, 1)).view(-1)
+        shape = (heads, seq_len, count, self.head_dim)
+        keys = self.keys[stream].view(-1, self.head_dim).index_select(0, rows).view(shape)
+        values = self.values[stream].view(-1, self.head_dim).index_select(0, rows).view(shape)
+        return keys, values, self.positions[stream][slots]
 
     # ------------------------------------------------------------- interface
     @torch.no_grad()
@@ -204,13 +210,9 @@ class KNNMemory:
             scores, slots = self.backend.search(stream, queries[stream].detach(), keys, found)
             # approximate backends may find fewer than k: slot -1, masked below
             missing = slots < 0
-            slots = slots.clamp(min=0)
-            # one index_select over (H * capacity) rows: a gather with an
-            # expanded index is several times slower on CPU
-            rows = (slots + self.head_offsets(queries.device).view(heads, 1, 1)).view(-1)
-            shape = (heads, seq_len, found, dim)
-            out_keys[stream, :, :, :found] = self.keys[stream].view(-1, dim).index_select(0, rows).view(shape)
-            out_values[stream, :, :, :found] = self.values[stream].view(-1, dim).index_select(0, rows).view(shape)
+            found_keys, found_values, found_positions = self.gather(stream, slots.clamp(min=0))
+            out_keys[stream, :, :, :found] = found_keys
+            out_values[stream, :, :, :found] = found_values
             out_scores[stream, :, :, :found] = scores.to(queries.dtype).masked_fill(missing, float("-inf"))
-            out_positions[stream, :, :, :found] = self.positions[stream][slots].masked_fill(missing, -1)
+            out_positions[stream, :, :, :found] = found_positions.masked_fill(missing, -1)
         return Retrieval(out_keys, out_values, out_scores, out_positions, out_positions >= 0)

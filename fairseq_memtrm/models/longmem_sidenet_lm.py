@@ -22,10 +22,10 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
-from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.dataclass import ChoiceEnum
 from fairseq.models import (
     ARCH_MODEL_REGISTRY,
     FairseqLanguageModel,
@@ -34,20 +34,20 @@ from fairseq.models import (
 )
 from fairseq.models.transformer_lm import TransformerLanguageModel
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
-from torch import Tensor
 
 from fairseq_memtrm.checkpoint_files import load_checkpoint_to_cpu
 from fairseq_memtrm.errors import MemtrmUserError
 from fairseq_memtrm.memory import MemoryBank
-from fairseq_memtrm.memory.search import parse_backend_spec
-from fairseq_memtrm.models.memorizing_transformer_lm import (
-    DEFAULT_STREAM_SET,
-    build_memorizing_layer,
-    check_knn_k,
-    memory_defaults,
-    parse_memory_layers,
+from fairseq_memtrm.models.memory_model import (
+    MemoryConfig,
+    MemoryModel,
+    build_memory_bank,
+    build_memory_layer,
+    check_memory_options,
+    default_memory_layer,
+    fill_defaults,
 )
-from fairseq_memtrm.modules.knn_attention import DEFAULT_MEMORY_PARAM_GAIN, MEMORY_STATE, KNNAugmentedAttention
+from fairseq_memtrm.modules.knn_attention import MEMORY_STATE, KNNAugmentedAttention
 from fairseq_memtrm.modules.side_network import FrozenBackbone, ResidualSideNetDecoder, side_layer_spans
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ MOVED_HINT = ("pass its path: --backbone-checkpoint PATH (fairseq-train), or "
 
 
 @dataclass
-class LongMemSideNetConfig(FairseqDataclass):
+class LongMemSideNetConfig(MemoryConfig):
     backbone_checkpoint: str = field(
         default="",
         metadata={"help": "the frozen transformer_lm checkpoint that encodes the memory (required); "
@@ -81,30 +81,10 @@ class LongMemSideNetConfig(FairseqDataclass):
         metadata={"help": "0-based backbone layer whose attention keys/values are written to memory; "
                           "-1: the backbone layer the memory side layer is initialised from"},
     )
-    memory_size: int = field(
-        default=65536,
-        metadata={"help": "tokens of kNN memory per stream (batch row); oldest are evicted first"},
-    )
-    knn_k: int = field(default=32, metadata={"help": "tokens retrieved from memory per query and head"})
     memory_chunk_size: int = field(
         default=1,
         metadata={"help": "LongMem's chunked retrieval: search chunks of this many consecutive tokens by "
                           "their mean key and attend to all tokens of the knn_k/chunk best (1: token search)"},
-    )
-    memory_gate_init: float = field(
-        default=0.0, metadata={"help": "initial per-head gate bias b_h; memory weight is sigmoid(b_h)"}
-    )
-    memory_param_gain: float = field(
-        default=DEFAULT_MEMORY_PARAM_GAIN,
-        metadata={"help": "the gate bias and log-temperature are stored divided by this gain so that "
-                          "Adam moves them this many times faster (see memorizing_transformer_lm)"},
-    )
-    memory_dtype: ChoiceEnum(["fp32", "fp16"]) = field(
-        default="fp32", metadata={"help": "storage dtype of memory keys/values (fp16 halves RAM)"}
-    )
-    memory_backend: str = field(
-        default="exact",
-        metadata={"help": "top-k search backend: exact (blocked matmul), faiss-flat, faiss-ivf, faiss-hnsw"},
     )
     dropout: float = field(default=0.1, metadata={"help": "dropout in the SideNet layers"})
     attention_dropout: float = field(default=0.0, metadata={"help": "attention dropout in the SideNet layers"})
@@ -156,13 +136,16 @@ def load_backbone(path: str, task) -> Tuple[TransformerLanguageModel, int]:
 
 # -------------------------------------------------------------------- model
 @register_model("longmem_sidenet_lm", dataclass=LongMemSideNetConfig)
-class LongMemSideNetLanguageModel(FairseqLanguageModel):
+class LongMemSideNetLanguageModel(MemoryModel, FairseqLanguageModel):
     """Frozen backbone + residual SideNet + per-document kNN memory.
 
     ``forward(src_tokens (B, T), doc_start bool (B,), stream_id str)`` ->
     (logits (B, T, V), extra), with the same stream semantics as
-    ``memorizing_transformer_lm``.
+    ``memorizing_transformer_lm`` (:class:`MemoryModel`).
     """
+
+    # the side layer only reads: the decoder writes the frozen backbone's keys and values
+    attention_writes_memory = False
 
     def __init__(self, decoder: ResidualSideNetDecoder, memory_bank: MemoryBank, backbone_fingerprint: int):
         super().__init__(decoder)
@@ -175,8 +158,7 @@ class LongMemSideNetLanguageModel(FairseqLanguageModel):
 
     @classmethod
     def build_model(cls, args, task):
-        parse_backend_spec(args.memory_backend)  # a clear error for a bad name or option
-        check_knn_k(args)
+        check_memory_options(args)
         path = os.path.abspath(os.path.expanduser(args.backbone_checkpoint)) if args.backbone_checkpoint else ""
         backbone, fingerprint = load_backbone(path, task)
         try:  # saved in the side checkpoint's config: fairseq-eval-lm finds it from any directory
@@ -184,11 +166,8 @@ class LongMemSideNetLanguageModel(FairseqLanguageModel):
         except Exception:  # a read-only config: the given path is kept as is
             pass
         decoder = build_side_decoder(args, FrozenBackbone(backbone.decoder))
-        memory_attention = decoder.memory_attention
-        memory_bank = MemoryBank(
-            {decoder.memory_layer_id: (memory_attention.num_heads, memory_attention.head_dim)},
-            memory_size=args.memory_size, dtype=args.memory_dtype, backend=args.memory_backend,
-            chunk_size=args.memory_chunk_size,
+        memory_bank = build_memory_bank(
+            args, {decoder.memory_layer_id: decoder.memory_attention}, chunk_size=args.memory_chunk_size
         )
         trained = sum(p.numel() for p in decoder.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in decoder.backbone.parameters())
@@ -207,25 +186,6 @@ class LongMemSideNetLanguageModel(FairseqLanguageModel):
     # ---------------------------------------------------------------- forward
     def memory_attentions(self) -> List[KNNAugmentedAttention]:
         return [self.decoder.memory_attention]
-
-    def forward(self, src_tokens: Tensor, doc_start: Optional[Tensor] = None,
-                stream_id: Optional[str] = None, **kwargs):
-        memories = self.memory_bank.select(
-            stream_id or DEFAULT_STREAM_SET, src_tokens.size(0), doc_start, src_tokens.device
-        )
-        attention = self.decoder.memory_attention
-        attention.memory = memories[self.decoder.memory_layer_id]
-        attention.token_mask = src_tokens.ne(self.decoder.padding_idx)  # padding is never written
-        try:
-            return self.decoder(src_tokens, **kwargs)
-        finally:
-            attention.memory = None
-            attention.token_mask = None
-
-    def set_record_retrievals(self, record: bool) -> None:
-        for attention in self.memory_attentions():
-            attention.record_retrievals = record
-            attention.last_record = None
 
     def max_positions(self):
         return self.decoder.max_positions()
@@ -263,7 +223,7 @@ def build_side_decoder(args, backbone: FrozenBackbone) -> ResidualSideNetDecoder
     spans = side_layer_spans(num_backbone, num_side)
     memory_layer_id = args.side_memory_layer
     if memory_layer_id < 0:
-        memory_layer_id = parse_memory_layers("", num_side)[0]
+        memory_layer_id = default_memory_layer(num_side)
     if not 0 <= memory_layer_id < num_side:
         raise MemtrmUserError(
             f"--side-memory-layer must be in [0, {num_side}) for {num_side} side layers, got {memory_layer_id}"
@@ -283,9 +243,7 @@ def build_side_decoder(args, backbone: FrozenBackbone) -> ResidualSideNetDecoder
     layers = []
     for index, (_, end) in enumerate(spans):
         if index == memory_layer_id:
-            layer = build_memorizing_layer(
-                cfg, args.knn_k, args.memory_gate_init, memory_param_gain=args.memory_param_gain
-            )
+            layer = build_memory_layer(cfg, args)
         else:
             layer = TransformerDecoderLayerBase(cfg, no_encoder_attn=True)
         if args.side_init == "backbone":
@@ -302,16 +260,9 @@ def build_side_decoder(args, backbone: FrozenBackbone) -> ResidualSideNetDecoder
 
 # -------------------------------------------------------------------- archs
 def longmem_defaults(args):
-    args.backbone_checkpoint = getattr(args, "backbone_checkpoint", "")
-    args.side_layers = getattr(args, "side_layers", 0)
-    args.side_init = getattr(args, "side_init", "backbone")
-    args.side_memory_layer = getattr(args, "side_memory_layer", -1)
-    args.memory_source_layer = getattr(args, "memory_source_layer", -1)
-    args.memory_chunk_size = getattr(args, "memory_chunk_size", 1)
-    memory_defaults(args)
-    args.dropout = getattr(args, "dropout", 0.1)
-    args.attention_dropout = getattr(args, "attention_dropout", 0.0)
-    args.activation_dropout = getattr(args, "activation_dropout", 0.0)
+    """Defaults of the flags of longmem_sidenet_lm (the config's, written there once)."""
+    fill_defaults(args, LongMemSideNetConfig)
+    fill_defaults(args, MemoryConfig)
 
 
 @register_model_architecture("longmem_sidenet_lm", "longmem_sidenet_lm_chunked")

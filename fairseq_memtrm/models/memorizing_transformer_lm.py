@@ -13,6 +13,9 @@ Extra batch keys (``net_input``), consumed here before the stock decoder runs:
   document structure, e.g. fairseq's ``language_modeling`` task).
 * ``stream_id``: str naming the stream set (``"train"``, ``"valid"``, ...);
   each set has its own memory, so validation never touches training memory.
+
+The memory flags, their checks and the binding of the memory to the layers for
+a forward pass are every memory model's: see ``models/memory_model.py``.
 """
 
 import logging
@@ -21,7 +24,6 @@ from typing import List, Optional
 
 from fairseq.dataclass import ChoiceEnum
 from fairseq.models import register_model, register_model_architecture
-from fairseq.models.transformer import TransformerConfig
 from fairseq.models.transformer_lm import (
     TransformerLanguageModel,
     TransformerLanguageModelConfig,
@@ -31,26 +33,26 @@ from fairseq.models.transformer_lm import (
     transformer_lm_gpt2_small,
     transformer_lm_gpt,
 )
-from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 from torch import Tensor
 
 from fairseq_memtrm.errors import MemtrmUserError
 from fairseq_memtrm.memory import MemoryBank
-from fairseq_memtrm.memory.search import parse_backend_spec
-from fairseq_memtrm.modules.knn_attention import DEFAULT_MEMORY_PARAM_GAIN, MEMORY_QUERIES, KNNAugmentedAttention
+from fairseq_memtrm.models.memory_model import (
+    MemoryConfig,
+    MemoryModel,
+    build_memory_bank,
+    build_memory_layer,
+    check_memory_options,
+    fill_defaults,
+    parse_memory_layers,
+)
+from fairseq_memtrm.modules.knn_attention import MEMORY_QUERIES, KNNAugmentedAttention
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_STREAM_SET = "default"
-
 
 @dataclass
-class MemorizingTransformerLMConfig(TransformerLanguageModelConfig):
-    memory_size: int = field(
-        default=65536,
-        metadata={"help": "tokens of kNN memory per stream (batch row); oldest are evicted first"},
-    )
-    knn_k: int = field(default=32, metadata={"help": "entries retrieved from memory per query and head"})
+class MemorizingTransformerLMConfig(MemoryConfig, TransformerLanguageModelConfig):
     memory_layers: str = field(
         default="",
         metadata={
@@ -58,23 +60,10 @@ class MemorizingTransformerLMConfig(TransformerLanguageModelConfig):
             "default: the layer at three quarters of the depth (8 of 12)"
         },
     )
-    memory_gate_init: float = field(
-        default=0.0,
-        metadata={"help": "initial per-head gate bias b_h; memory weight is sigmoid(b_h)"},
-    )
     memory_scale_init: float = field(
         default=20.0,
         metadata={"help": "initial per-head temperature of the memory softmax over cosine similarities "
                           "(learned, in log space)"},
-    )
-    memory_param_gain: float = field(
-        default=DEFAULT_MEMORY_PARAM_GAIN,
-        metadata={"help": "the per-head gate bias and log-temperature are stored divided by this gain, "
-                          "so Adam moves them this many times faster than other weights (a scalar moves "
-                          "~lr per update: at lr 2e-4 a gate could not open in a short fine-tune)"},
-    )
-    memory_dtype: ChoiceEnum(["fp32", "fp16"]) = field(
-        default="fp32", metadata={"help": "storage dtype of memory keys/values (fp16 halves RAM)"}
     )
     memory_query: ChoiceEnum(list(MEMORY_QUERIES)) = field(
         default="query",
@@ -86,7 +75,7 @@ class MemorizingTransformerLMConfig(TransformerLanguageModelConfig):
         default=False,
         metadata={"help": "key each memory entry by the previous token's key (its value stays the token's "
                           "own): a query matching a past token reads what followed it, the copying step "
-                          "a small model has not learned (README, Results); off = the paper's memory"},
+                          "of an induction head built into the memory; off = the paper's memory"},
     )
     memory_keys_with_positions: bool = field(
         default=False,
@@ -95,51 +84,10 @@ class MemorizingTransformerLMConfig(TransformerLanguageModelConfig):
                           "not depend on where a token stood in its segment); deeper layers always use their "
                           "input as it is"},
     )
-    memory_backend: str = field(
-        default="exact",
-        metadata={"help": "top-k search backend: exact (blocked matmul), faiss-flat, faiss-ivf, faiss-hnsw; "
-                  "options after a colon, e.g. faiss-ivf:nprobe=32 (see docs/benchmark.md)"},
-    )
-
-
-def parse_memory_layers(spec: str, num_layers: int) -> List[int]:
-    if not spec:
-        return [max(0, (3 * num_layers) // 4 - 1)]
-    try:
-        layers = sorted({int(part) for part in str(spec).split(",") if part.strip()})
-    except ValueError:
-        raise MemtrmUserError(f"--memory-layers expects comma-separated integers, got {spec!r}")
-    bad = [i for i in layers if not 0 <= i < num_layers]
-    if bad or not layers:
-        raise MemtrmUserError(
-            f"--memory-layers {spec!r}: indices must be 0-based and below --decoder-layers ({num_layers})"
-        )
-    return layers
-
-
-def build_memorizing_layer(cfg: TransformerConfig, knn_k: int, memory_gate_init: float,
-                           memory_scale_init: float = 20.0, memory_param_gain: float = DEFAULT_MEMORY_PARAM_GAIN,
-                           memory_query: str = "query", position_free_keys: bool = False):
-    """A stock decoder layer whose self-attention is kNN-augmented."""
-    layer = TransformerDecoderLayerBase(cfg, no_encoder_attn=True)
-    layer.self_attn = KNNAugmentedAttention(
-        layer.embed_dim,
-        cfg.decoder.attention_heads,
-        knn_k=knn_k,
-        memory_gate_init=memory_gate_init,
-        memory_scale_init=memory_scale_init,
-        memory_param_gain=memory_param_gain,
-        memory_query=memory_query,
-        position_free_keys=position_free_keys,
-        dropout=cfg.attention_dropout,
-        q_noise=layer.quant_noise,
-        qn_block_size=layer.quant_noise_block_size,
-    )
-    return layer
 
 
 @register_model("memorizing_transformer_lm", dataclass=MemorizingTransformerLMConfig)
-class MemorizingTransformerLanguageModel(TransformerLanguageModel):
+class MemorizingTransformerLanguageModel(MemoryModel, TransformerLanguageModel):
     def __init__(self, decoder):
         super().__init__(decoder)
         self.memory_layer_ids: List[int] = []
@@ -147,8 +95,7 @@ class MemorizingTransformerLanguageModel(TransformerLanguageModel):
 
     @classmethod
     def build_model(cls, args, task):
-        parse_backend_spec(args.memory_backend)  # a clear error for a bad name or option
-        check_knn_k(args)
+        check_memory_options(args)
         model = super().build_model(args, task)
         model.install_memory(args)
         return model
@@ -157,17 +104,12 @@ class MemorizingTransformerLanguageModel(TransformerLanguageModel):
         decoder = self.decoder
         self.memory_layer_ids = parse_memory_layers(args.memory_layers, len(decoder.layers))
         for index in self.memory_layer_ids:
-            decoder.layers[index] = build_memorizing_layer(
-                decoder.cfg, args.knn_k, args.memory_gate_init, args.memory_scale_init, args.memory_param_gain,
-                args.memory_query, position_free_keys=index == 0 and not args.memory_keys_with_positions,
+            decoder.layers[index] = build_memory_layer(
+                decoder.cfg, args, memory_scale_init=args.memory_scale_init, memory_query=args.memory_query,
+                position_free_keys=index == 0 and not args.memory_keys_with_positions,
             )
-        self.memory_bank = MemoryBank(
-            {i: (decoder.layers[i].self_attn.num_heads, decoder.layers[i].self_attn.head_dim)
-             for i in self.memory_layer_ids},
-            memory_size=args.memory_size,
-            dtype=args.memory_dtype,
-            backend=args.memory_backend,
-            shift_keys=args.memory_shift_keys,
+        self.memory_bank = build_memory_bank(
+            args, dict(zip(self.memory_layer_ids, self.memory_attentions())), shift_keys=args.memory_shift_keys
         )
         logger.info(
             "memorizing layers %s: memory %d tokens/stream, k=%d, %s, backend %s (%.1f MiB per stream)",
@@ -178,24 +120,11 @@ class MemorizingTransformerLanguageModel(TransformerLanguageModel):
     def memory_attentions(self) -> List[KNNAugmentedAttention]:
         return [self.decoder.layers[i].self_attn for i in self.memory_layer_ids]
 
-    def forward(self, src_tokens: Tensor, doc_start: Optional[Tensor] = None,
-                stream_id: Optional[str] = None, **kwargs):
-        memories = self.memory_bank.select(
-            stream_id or DEFAULT_STREAM_SET, src_tokens.size(0), doc_start, src_tokens.device
-        )
-        token_mask = src_tokens.ne(self.decoder.padding_idx)
-        for index, attention in zip(self.memory_layer_ids, self.memory_attentions()):
-            attention.memory = memories[index]
-            attention.token_mask = token_mask
-            if bool(attention.memory_position_free):
-                attention.memory_input = self.input_without_positions(src_tokens, self.decoder.layers[index])
-        try:
-            return self.decoder(src_tokens, **kwargs)
-        finally:
-            for attention in self.memory_attentions():
-                attention.memory = None
-                attention.token_mask = None
-                attention.memory_input = None
+    def memory_input(self, src_tokens: Tensor, layer_id: int) -> Optional[Tensor]:
+        layer = self.decoder.layers[layer_id]
+        if bool(layer.self_attn.memory_position_free):
+            return self.input_without_positions(src_tokens, layer)
+        return None
 
     def input_without_positions(self, src_tokens: Tensor, layer) -> Tensor:
         """(T, B, C) what the first layer's attention reads, computed as the stock decoder
@@ -208,11 +137,6 @@ class MemorizingTransformerLanguageModel(TransformerLanguageModel):
             x = decoder.layernorm_embedding(x)
         x = decoder.dropout_module(x).transpose(0, 1)
         return layer.self_attn_layer_norm(x) if layer.normalize_before else x
-
-    def set_record_retrievals(self, record: bool) -> None:
-        for attention in self.memory_attentions():
-            attention.record_retrievals = record
-            attention.last_record = None
 
     # ------------------------------------------------------------ checkpoints
     def upgrade_state_dict_named(self, state_dict, name):
@@ -260,37 +184,18 @@ class MemorizingTransformerLanguageModel(TransformerLanguageModel):
             )
 
 
-def check_knn_k(args) -> None:
-    """``--knn-k`` against ``--memory-size``: at least 1 where there is a memory (k = 0 would
-    write a memory nobody reads), and clamped to the memory size (no more can be found)."""
-    if args.knn_k < 0 or (args.knn_k == 0 and args.memory_size > 0):
-        raise MemtrmUserError(
-            f"--knn-k must be >= 1 to read the memory, got {args.knn_k}; to turn the memory off use --memory-size 0"
-        )
-    if args.memory_size > 0 and args.knn_k > args.memory_size:
-        logger.warning("--knn-k %d exceeds --memory-size %d: clamped to %d (a memory cannot return more entries "
-                       "than it holds)", args.knn_k, args.memory_size, args.memory_size)
-        args.knn_k = args.memory_size
-
-
-def memory_defaults(args):
-    """Defaults of the memory flags every memory-reading model shares."""
-    args.memory_size = getattr(args, "memory_size", 65536)
-    args.knn_k = getattr(args, "knn_k", 32)
-    args.memory_gate_init = getattr(args, "memory_gate_init", 0.0)
-    args.memory_param_gain = getattr(args, "memory_param_gain", DEFAULT_MEMORY_PARAM_GAIN)
-    args.memory_dtype = getattr(args, "memory_dtype", "fp32")
-    args.memory_backend = getattr(args, "memory_backend", "exact")
-
-
 def memorizing_defaults(args):
-    """Defaults of the flags of memorizing_transformer_lm."""
-    args.memory_layers = getattr(args, "memory_layers", "")
-    args.memory_scale_init = getattr(args, "memory_scale_init", 20.0)
-    args.memory_query = getattr(args, "memory_query", "query")
-    args.memory_shift_keys = getattr(args, "memory_shift_keys", False)
-    args.memory_keys_with_positions = getattr(args, "memory_keys_with_positions", False)
-    memory_defaults(args)
+    """Defaults of the flags of memorizing_transformer_lm (the config's, written there once)."""
+    fill_defaults(args, MemorizingTransformerLMConfig)
+    fill_defaults(args, MemoryConfig)
+
+
+def decoder_shape(args, layers: int, embed_dim: int, ffn_embed_dim: int, heads: int) -> None:
+    """The decoder's shape for a small arch; a flag given on the command line wins."""
+    args.decoder_layers = getattr(args, "decoder_layers", layers)
+    args.decoder_embed_dim = getattr(args, "decoder_embed_dim", embed_dim)
+    args.decoder_ffn_embed_dim = getattr(args, "decoder_ffn_embed_dim", ffn_embed_dim)
+    args.decoder_attention_heads = getattr(args, "decoder_attention_heads", heads)
 
 
 # `register_model` with a dataclass already registers the arch named like the
@@ -327,19 +232,13 @@ def memorizing_transformer_lm_wiki103(args):
 @register_model_architecture("memorizing_transformer_lm", "memorizing_transformer_lm_small")
 def memorizing_transformer_lm_small(args):
     """6 x 256, 4 heads: the shape that trains at ~2K tokens/s on 2 CPU cores."""
-    args.decoder_layers = getattr(args, "decoder_layers", 6)
-    args.decoder_embed_dim = getattr(args, "decoder_embed_dim", 256)
-    args.decoder_ffn_embed_dim = getattr(args, "decoder_ffn_embed_dim", 1024)
-    args.decoder_attention_heads = getattr(args, "decoder_attention_heads", 4)
+    decoder_shape(args, layers=6, embed_dim=256, ffn_embed_dim=1024, heads=4)
     memorizing_transformer_lm(args)
 
 
 @register_model_architecture("memorizing_transformer_lm", "memorizing_transformer_lm_tiny")
 def memorizing_transformer_lm_tiny(args):
     """4 x 128, 4 heads of 32 dims: for tests and CPU demos."""
-    args.decoder_layers = getattr(args, "decoder_layers", 4)
-    args.decoder_embed_dim = getattr(args, "decoder_embed_dim", 128)
-    args.decoder_ffn_embed_dim = getattr(args, "decoder_ffn_embed_dim", 512)
-    args.decoder_attention_heads = getattr(args, "decoder_attention_heads", 4)
+    decoder_shape(args, layers=4, embed_dim=128, ffn_embed_dim=512, heads=4)
     args.memory_size = getattr(args, "memory_size", 8192)
     memorizing_transformer_lm(args)

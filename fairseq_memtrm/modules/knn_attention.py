@@ -6,13 +6,13 @@ Per head, the layer computes two attentions and mixes them with a learned gate:
   ``MultiheadAttention`` computes it (same parameters, same names), so the
   weights of a vanilla checkpoint keep their meaning;
 * memory: the L2-normalised query retrieves its top-k (key, value) pairs from
-  the :class:`~fairseq_memtrm.memory.KNNMemory` (earlier segments of the same
+  the :class:`~fairseq_memtrm.memory.MemoryStore` (earlier segments of the same
   document only), and a separate softmax over those k entries, scaled by a
   learned per-head temperature, reads their values. No position encoding.
   With ``memory_query="key"`` the token's own key is the memory query: the
   memory finds the past tokens whose keys resemble this one's (with the
   memory's shifted keys: the tokens that *followed* a match), which needs no
-  learned query/key alignment (README, Results).
+  learned query/key alignment.
 
 ``out = local * (1 - g) + memory * g`` with ``g = sigmoid(b_h)``.
 Where a query found nothing in memory, ``g`` is 0 for it, so an empty memory
@@ -21,10 +21,9 @@ gives plain local attention exactly.
 The gate bias ``b_h`` and the log-temperature are one scalar per head. Adam
 moves any parameter by about ``lr`` per update, so at a fine-tuning lr of 2e-4
 a gate bias stored as is could travel 0.2 in 1,000 updates: the gate would
-stay at its initial 0.5 (the first books run showed exactly that). They are
-therefore stored divided by ``memory_param_gain`` (a buffer saved with the
-checkpoint) and move that many times faster; ``gate_logits()`` and
-``memory_scale()`` give their effective values.
+barely leave its initial 0.5. They are therefore stored divided by
+``memory_param_gain`` (a buffer saved with the checkpoint) and move that many
+times faster; ``gate_logits()`` and ``memory_scale()`` give their effective values.
 
 Memory keys carry no position. A ``transformer_lm`` adds its (sinusoidal)
 positional embedding to the token embeddings, so the input of the first layer
@@ -32,27 +31,32 @@ is ``token + position(t)``, ``t`` the place in the segment: keys computed from i
 match tokens that stood at the same place in their segments (segment length
 apart) as well as tokens that are the same. A layer built with
 ``position_free_keys`` therefore computes its memory keys (and memory queries)
-from ``memory_input``, the same input without the positional embedding, bound by
-the model for the forward pass; local attention and the values are unchanged.
+from ``memory_input``, the same input without the positional embedding, given by
+the model in the binding; local attention and the values are unchanged.
 This is exact for layer 0, whose input is the embedding sum; a deeper layer's
 input mixes position into content, and there the option does not apply.
 
-Per segment the order is: (the model resets streams at ``doc_start``) then
-retrieve with this segment's queries, then add this segment's keys/values, so
-a token never retrieves its own segment. Stored entries are detached: the
-gradient reaches the queries through the memory attention, never the memory.
+The memory is bound for a forward pass (:meth:`KNNAugmentedAttention.bind`,
+called by the model's ``bind_memory``): a :class:`MemoryBinding` names the
+store, the tokens to write and what to record. Unbound, the layer is plain
+attention. Per segment the order is: (the model resets streams at
+``doc_start``) then retrieve with this segment's queries, then add this
+segment's keys/values, so a token never retrieves its own segment. Stored
+entries are detached: the gradient reaches the queries through the memory
+attention, never the memory.
 """
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from fairseq.modules import MultiheadAttention
 from torch import Tensor, nn
 
-from fairseq_memtrm.memory import KNNMemory, Retrieval
+from fairseq_memtrm.memory import MemoryStore, Retrieval
 
 MEMORY_PARAMETERS = ("memory_gate", "memory_log_scale")
 MEMORY_STATE = MEMORY_PARAMETERS + ("memory_param_gain", "memory_position_free")  # what a vanilla layer lacks
@@ -67,6 +71,19 @@ class RetrievalRecord:
     retrieval: Retrieval  # (B, H, T, k) positions, scores, mask
     memory_probs: Tensor  # (B, H, T, k) attention weight of each retrieved entry
     gate: Tensor  # (B, H, T) effective gate: sigmoid(b_h), 0 where nothing was found
+
+
+@dataclass
+class MemoryBinding:
+    """What one memory layer reads and writes during one forward pass."""
+
+    memory: MemoryStore  # B streams
+    token_mask: Optional[Tensor] = None  # (B, T) True for the tokens to write (None: all)
+    memory_input: Optional[Tensor] = None  # (T, B, C) the input without positions (position-free layers)
+    write: bool = True  # False: another network writes the memory (LongMem's frozen backbone)
+    knn_k: Optional[int] = None  # entries per query and head; None: the layer's own knn_k
+    record_retrievals: bool = False
+    record: Optional[RetrievalRecord] = None  # set by the pass when recording and something was retrieved
 
 
 class KNNAugmentedAttention(MultiheadAttention):
@@ -85,20 +102,21 @@ class KNNAugmentedAttention(MultiheadAttention):
         self.register_buffer("memory_position_free", torch.tensor(bool(position_free_keys)))
         self.memory_gate = nn.Parameter(torch.full((num_heads,), float(memory_gate_init) / memory_param_gain))
         # Normalised q.k lies in [-1, 1]: the softmax over the k hits needs a high
-        # temperature to single out the best match (at sqrt(head_dim) ~ 6 a fine-tune
-        # of a few hundred updates saw near-uniform weights and closed the gate).
+        # temperature to single out the best match (at sqrt(head_dim) ~ 6 its weights
+        # are near-uniform).
         self.memory_log_scale = nn.Parameter(
             torch.full((num_heads,), math.log(memory_scale_init) / memory_param_gain)
         )
-        # Bound by the model for one forward pass; None = behave as plain attention.
-        self.memory: Optional[KNNMemory] = None
-        self.token_mask: Optional[Tensor] = None  # (B, T) True for tokens to write
-        self.memory_input: Optional[Tensor] = None  # (T, B, C) the input without positions
-        # False: the layer only reads the memory and another network writes it
-        # (LongMem: the frozen backbone's keys, see models/longmem_sidenet_lm.py).
-        self.write_memory = True
-        self.record_retrievals = False
-        self.last_record: Optional[RetrievalRecord] = None
+        self.binding: Optional[MemoryBinding] = None  # set by `bind` for a forward pass; None: plain attention
+
+    @contextmanager
+    def bind(self, binding: MemoryBinding) -> Iterator[MemoryBinding]:
+        """Read (and write) ``binding.memory`` in the forward passes inside the block."""
+        previous, self.binding = self.binding, binding
+        try:
+            yield binding
+        finally:
+            self.binding = previous
 
     def gate_logits(self) -> Tensor:
         """(H,) the effective gate biases b_h."""
@@ -112,24 +130,25 @@ class KNNAugmentedAttention(MultiheadAttention):
         """(H,) the temperature of the memory softmax over cosine similarities."""
         return (self.memory_log_scale * self.memory_param_gain).exp()
 
-    def memory_projections(self, query: Tensor, q: Optional[Tensor] = None, k: Optional[Tensor] = None):
+    def memory_projections(self, query: Tensor, q: Optional[Tensor] = None, k: Optional[Tensor] = None,
+                           memory_input: Optional[Tensor] = None):
         """Unit-norm memory (queries, keys), (B, H, T, D) each: from ``memory_input``
-        when this layer's keys are position-free, else the local ``q`` and ``k`` of
-        ``query`` (T, B, C) (computed here where not given). ``q`` None: no queries."""
+        (T, B, C) when this layer's keys are position-free, else the local ``q`` and
+        ``k`` of ``query`` (T, B, C) (computed here where not given). ``q`` None: no queries."""
         if bool(self.memory_position_free):
-            if self.memory_input is None or self.memory_input.shape != query.shape:
+            if memory_input is None or memory_input.shape != query.shape:
                 raise RuntimeError("a position-free memory layer needs memory_input (T, B, C) bound by the model")
-            k = self._split_heads(self.k_proj(self.memory_input))
+            k = self.split_heads(self.k_proj(memory_input))
             if q is not None and self.memory_query == "query":
-                q = self._split_heads(self.q_proj(self.memory_input))
+                q = self.split_heads(self.q_proj(memory_input))
         elif k is None:
-            k = self._split_heads(self.k_proj(query))
+            k = self.split_heads(self.k_proj(query))
         k_unit = F.normalize(k, dim=-1)
         if q is None:
             return None, k_unit
         return (k_unit if self.memory_query == "key" else F.normalize(q, dim=-1)), k_unit
 
-    def _split_heads(self, x: Tensor) -> Tensor:
+    def split_heads(self, x: Tensor) -> Tensor:
         """(T, B, C) -> (B, H, T, D)."""
         seq_len, bsz, _ = x.shape
         return x.view(seq_len, bsz, self.num_heads, self.head_dim).permute(1, 2, 0, 3)
@@ -147,33 +166,34 @@ class KNNAugmentedAttention(MultiheadAttention):
         before_softmax: bool = False,
         need_head_weights: bool = False,
     ):
-        memory = self.memory
+        binding = self.binding
         use_memory = (
-            memory is not None and incremental_state is None and not before_softmax and not need_head_weights
+            binding is not None and incremental_state is None and not before_softmax and not need_head_weights
         )
-        if not use_memory or memory.memory_size == 0 or self.knn_k == 0:
+        knn_k = self.knn_k if binding is None or binding.knn_k is None else binding.knn_k
+        if not use_memory or binding.memory.memory_size == 0 or knn_k == 0:
             return super().forward(
                 query, key, value, key_padding_mask, incremental_state, need_weights,
                 static_kv, attn_mask, before_softmax, need_head_weights,
             )
+        memory = binding.memory
         if memory.is_empty():
             # Nothing to retrieve: plain attention, then still write the segment.
             out, weights = super().forward(
                 query, key, value, key_padding_mask, None, need_weights, False, attn_mask
             )
-            if self.write_memory:
+            if binding.write:
                 memory.add(
-                    self.memory_projections(query)[1],
-                    self._split_heads(self.v_proj(query)),
-                    self.token_mask,
+                    self.memory_projections(query, memory_input=binding.memory_input)[1],
+                    self.split_heads(self.v_proj(query)),
+                    binding.token_mask,
                 )
-            self.last_record = None
             return out, weights
 
         seq_len, bsz, embed_dim = query.shape
-        q = self._split_heads(self.q_proj(query))  # (B, H, T, D), unscaled
-        k = self._split_heads(self.k_proj(query))
-        v = self._split_heads(self.v_proj(query))
+        q = self.split_heads(self.q_proj(query))  # (B, H, T, D), unscaled
+        k = self.split_heads(self.k_proj(query))
+        v = self.split_heads(self.v_proj(query))
 
         # Local causal attention, as MultiheadAttention computes it.
         local_logits = torch.matmul(q * self.scaling, k.transpose(-1, -2))  # (B, H, T, T)
@@ -187,8 +207,8 @@ class KNNAugmentedAttention(MultiheadAttention):
         local_out = torch.matmul(local_probs, v)  # (B, H, T, D)
 
         # Memory attention over the top-k entries of earlier segments.
-        q_unit, k_unit = self.memory_projections(query, q, k)
-        retrieval = memory.search(q_unit.detach(), self.knn_k)
+        q_unit, k_unit = self.memory_projections(query, q, k, binding.memory_input)
+        retrieval = memory.search(q_unit.detach(), knn_k)
         scale = self.memory_scale().view(1, -1, 1, 1)
         memory_logits = torch.einsum("bhtd,bhtkd->bhtk", q_unit, retrieval.keys) * scale
         memory_logits = memory_logits.masked_fill(~retrieval.mask, float("-inf"))
@@ -200,10 +220,10 @@ class KNNAugmentedAttention(MultiheadAttention):
         gate = self.gate_values().view(1, -1, 1) * found.type_as(q)  # (B, H, T)
         mixed = local_out + gate.unsqueeze(-1) * (memory_out - local_out)
 
-        if self.write_memory:
-            memory.add(k_unit, v, self.token_mask)  # after retrieval: never retrieve yourself
-        if self.record_retrievals:
-            self.last_record = RetrievalRecord(retrieval, memory_probs.detach(), gate.detach())
+        if binding.write:
+            memory.add(k_unit, v, binding.token_mask)  # after retrieval: never retrieve yourself
+        if binding.record_retrievals:
+            binding.record = RetrievalRecord(retrieval, memory_probs.detach(), gate.detach())
 
         out = self.out_proj(mixed.permute(2, 0, 1, 3).reshape(seq_len, bsz, embed_dim))
         weights = None

@@ -112,7 +112,6 @@ class ResidualSideNetDecoder(FairseqDecoder):
         self.memory_source_layer = memory_source_layer
         self.layer_norm = layer_norm
         self.padding_idx = backbone.decoder.padding_idx
-        self.memory_attention.write_memory = False  # the backbone writes, see forward
 
     @property
     def memory_attention(self) -> KNNAugmentedAttention:
@@ -138,12 +137,12 @@ class ResidualSideNetDecoder(FairseqDecoder):
             x = x + (backbone_states[end] - backbone_states[start])
             inner_states.append(x)
 
-        memory = self.memory_attention.memory
-        if memory is not None:  # after the side layers searched it: a segment never retrieves itself
+        binding = self.memory_attention.binding  # bound by the model, which leaves the writing to us
+        if binding is not None:  # after the side layers searched it: a segment never retrieves itself
             keys, values = self.backbone.attention_keys_values(
                 backbone_states[self.memory_source_layer], self.memory_source_layer
             )
-            memory.add(keys, values, self.memory_attention.token_mask)
+            binding.memory.add(keys, values, binding.token_mask)
 
         if self.layer_norm is not None:
             x = self.layer_norm(x)

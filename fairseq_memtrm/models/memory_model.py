@@ -1,0 +1,211 @@
+"""What every memory model has, written once: its memory flags, their checks, the
+memory layers, and binding the memory to those layers for one forward pass.
+
+A memory model (``memorizing_transformer_lm``, ``longmem_sidenet_lm``, the ones
+to come) is a fairseq language model that
+
+* declares its flags in a config class that extends :class:`MemoryConfig`
+  (``--memory-size``, ``--knn-k``, ``--memory-backend``, ...) and fills their
+  defaults in its archs with :func:`fill_defaults`;
+* calls :func:`check_memory_options` in ``build_model`` and builds its memory
+  with :func:`build_memory_bank` and its memory layers with :func:`build_memory_layer`;
+* mixes in :class:`MemoryModel`, whose ``forward`` consumes the batch keys
+  ``doc_start`` and ``stream_id`` and binds this batch's memories to the layers
+  with :meth:`MemoryModel.bind_memory` while the decoder runs.
+
+``forward`` also takes three keyword arguments that no fairseq batch carries, for
+analysis and the demo: ``memory_bank`` (read and write another bank than the
+model's own, e.g. one of another size), ``knn_k`` (another k) and
+``record_retrievals`` (return what every memory layer retrieved, in
+``extra["retrievals"]``). Nothing of them stays on the model after the call.
+See ``docs/architecture.md`` for the flow of one segment.
+"""
+
+import logging
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, fields
+from typing import Dict, Iterator, List, Optional
+
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
+from torch import Tensor
+
+from fairseq_memtrm.errors import MemtrmUserError
+from fairseq_memtrm.memory import MemoryBank
+from fairseq_memtrm.memory.search import parse_backend_spec
+from fairseq_memtrm.modules.knn_attention import DEFAULT_MEMORY_PARAM_GAIN, KNNAugmentedAttention, MemoryBinding
+
+logger = logging.getLogger(__name__)
+
+#: The stream set of a batch without ``stream_id`` (e.g. fairseq's ``language_modeling`` task).
+DEFAULT_STREAM_SET = "default"
+
+
+@dataclass
+class MemoryConfig(FairseqDataclass):
+    """The flags every memory model shares. A model's config extends it:
+    ``class MyConfig(MemoryConfig, TransformerLanguageModelConfig)``."""
+
+    memory_size: int = field(
+        default=65536,
+        metadata={"help": "tokens of kNN memory per stream (batch row); oldest are evicted first"},
+    )
+    knn_k: int = field(default=32, metadata={"help": "entries retrieved from memory per query and head"})
+    memory_gate_init: float = field(
+        default=0.0,
+        metadata={"help": "initial per-head gate bias b_h; memory weight is sigmoid(b_h)"},
+    )
+    memory_param_gain: float = field(
+        default=DEFAULT_MEMORY_PARAM_GAIN,
+        metadata={"help": "the per-head gate bias and log-temperature are stored divided by this gain, "
+                          "so Adam moves them this many times faster than other weights (a scalar moves "
+                          "about lr per update)"},
+    )
+    memory_dtype: ChoiceEnum(["fp32", "fp16"]) = field(
+        default="fp32", metadata={"help": "storage dtype of memory keys/values (fp16 halves RAM)"}
+    )
+    memory_backend: str = field(
+        default="exact",
+        metadata={"help": "top-k search backend: exact (blocked matmul), faiss-flat, faiss-ivf, faiss-hnsw; "
+                  "options after a colon, e.g. faiss-ivf:nprobe=32 (see docs/benchmark.md)"},
+    )
+
+
+def fill_defaults(args, config_class) -> None:
+    """For an arch function: give ``args`` the default of every field that
+    ``config_class`` declares itself (not those it inherits) and ``args`` lacks."""
+    own = vars(config_class).get("__annotations__", {})
+    for config_field in fields(config_class):
+        if config_field.name in own and not hasattr(args, config_field.name):
+            setattr(args, config_field.name, config_field.default)
+
+
+# -------------------------------------------------------------- validation
+def check_memory_options(args) -> None:
+    """The shared flags, checked before anything is built; ``--knn-k`` beyond the
+    memory size is clamped to it (no memory can return more than it holds)."""
+    parse_backend_spec(args.memory_backend)  # a clear error for a bad name or option
+    if args.memory_size < 0:
+        raise MemtrmUserError(f"--memory-size must be >= 0, got {args.memory_size}")
+    if args.knn_k < 0 or (args.knn_k == 0 and args.memory_size > 0):  # k = 0: a memory nobody reads
+        raise MemtrmUserError(
+            f"--knn-k must be >= 1 to read the memory, got {args.knn_k}; to turn the memory off use --memory-size 0"
+        )
+    if args.memory_size > 0 and args.knn_k > args.memory_size:
+        logger.warning("--knn-k %d exceeds --memory-size %d: clamped to %d (a memory cannot return more entries "
+                       "than it holds)", args.knn_k, args.memory_size, args.memory_size)
+        args.knn_k = args.memory_size
+
+
+def default_memory_layer(num_layers: int) -> int:
+    """The layer at three quarters of the depth (0-based), as in the paper (8 of 12)."""
+    return max(0, (3 * num_layers) // 4 - 1)
+
+
+def parse_memory_layers(spec: str, num_layers: int) -> List[int]:
+    """``--memory-layers`` ("1,3", or "" for :func:`default_memory_layer`) -> sorted layer indices."""
+    if not spec:
+        return [default_memory_layer(num_layers)]
+    try:
+        layers = sorted({int(part) for part in str(spec).split(",") if part.strip()})
+    except ValueError:
+        raise MemtrmUserError(f"--memory-layers expects comma-separated integers, got {spec!r}")
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad or not layers:
+        raise MemtrmUserError(
+            f"--memory-layers {spec!r}: indices must be 0-based and below --decoder-layers ({num_layers})"
+        )
+    return layers
+
+
+# ---------------------------------------------------------------- building
+def build_memory_layer(cfg, args, **attention_options) -> TransformerDecoderLayerBase:
+    """A stock decoder layer (``cfg``: a ``TransformerConfig``) whose self-attention is
+    kNN-augmented with the shared flags of ``args``; ``attention_options`` go to
+    :class:`KNNAugmentedAttention` (``memory_scale_init``, ``memory_query``, ...)."""
+    layer = TransformerDecoderLayerBase(cfg, no_encoder_attn=True)
+    layer.self_attn = KNNAugmentedAttention(
+        layer.embed_dim,
+        cfg.decoder.attention_heads,
+        knn_k=args.knn_k,
+        memory_gate_init=args.memory_gate_init,
+        memory_param_gain=args.memory_param_gain,
+        dropout=cfg.attention_dropout,
+        q_noise=layer.quant_noise,
+        qn_block_size=layer.quant_noise_block_size,
+        **attention_options,
+    )
+    return layer
+
+
+def build_memory_bank(args, attentions: Dict[int, KNNAugmentedAttention], **options) -> MemoryBank:
+    """The bank of ``args``' memory (size, dtype, backend) for the layers ``attentions``
+    ({layer id: attention}); ``options``: ``chunk_size``, ``shift_keys``."""
+    layers = {layer: (attention.num_heads, attention.head_dim) for layer, attention in attentions.items()}
+    return MemoryBank(layers, memory_size=args.memory_size, dtype=args.memory_dtype, backend=args.memory_backend,
+                      **options)
+
+
+# ----------------------------------------------------------------- binding
+class MemoryModel:
+    """Mixin of a fairseq language model whose layers ``memory_layer_ids`` read a kNN memory.
+
+    The model sets ``memory_bank`` and ``memory_layer_ids`` and returns those layers'
+    attentions from :meth:`memory_attentions`. Put it first among the bases, so that
+    its ``forward`` is the model's.
+    """
+
+    memory_bank: MemoryBank
+    memory_layer_ids: List[int]
+    #: False where another network writes the memory (LongMem: the frozen backbone's keys).
+    attention_writes_memory = True
+
+    def memory_attentions(self) -> List[KNNAugmentedAttention]:
+        """The attention of each memory layer, in the order of ``memory_layer_ids``."""
+        raise NotImplementedError
+
+    def memory_input(self, src_tokens: Tensor, layer_id: int) -> Optional[Tensor]:
+        """(T, B, C) what layer ``layer_id`` computes its memory keys and queries from,
+        where that is not its own input (position-free keys); None: its own input."""
+        return None
+
+    @contextmanager
+    def bind_memory(self, src_tokens: Tensor, doc_start: Optional[Tensor] = None, stream_id: Optional[str] = None,
+                    memory_bank: Optional[MemoryBank] = None, knn_k: Optional[int] = None,
+                    record_retrievals: bool = False) -> Iterator[Dict[int, MemoryBinding]]:
+        """Bind this batch's memories to the memory layers for the forward passes inside.
+
+        ``src_tokens`` (B, T); ``doc_start`` bool (B,), the rows whose memory is reset
+        first (None: all); ``stream_id`` the stream set (None: ``DEFAULT_STREAM_SET``);
+        ``memory_bank`` None: the model's own; ``knn_k`` None: each layer's ``--knn-k``.
+        Yields {layer id: :class:`MemoryBinding`}; with ``record_retrievals`` each
+        binding's ``record`` holds what its layer retrieved, once the pass is over.
+        """
+        bank = self.memory_bank if memory_bank is None else memory_bank
+        memories = bank.select(stream_id or DEFAULT_STREAM_SET, src_tokens.size(0), doc_start, src_tokens.device)
+        token_mask = src_tokens.ne(self.decoder.padding_idx)  # padding is never written
+        bindings = {
+            layer: MemoryBinding(memories[layer], token_mask, self.memory_input(src_tokens, layer),
+                                 write=self.attention_writes_memory, knn_k=knn_k,
+                                 record_retrievals=record_retrievals)
+            for layer in self.memory_layer_ids
+        }
+        with ExitStack() as stack:
+            for layer, attention in zip(self.memory_layer_ids, self.memory_attentions()):
+                stack.enter_context(attention.bind(bindings[layer]))
+            yield bindings
+
+    def forward(self, src_tokens: Tensor, doc_start: Optional[Tensor] = None, stream_id: Optional[str] = None,
+                memory_bank: Optional[MemoryBank] = None, knn_k: Optional[int] = None,
+                record_retrievals: bool = False, **kwargs):
+        """``src_tokens`` (B, T) -> (logits (B, T, V), extra), reading and writing the
+        memory of ``stream_id`` (see :meth:`bind_memory`). With ``record_retrievals``,
+        ``extra["retrievals"]`` is {layer id: ``RetrievalRecord``} for the layers that
+        retrieved something (a layer whose memory was empty has none)."""
+        with self.bind_memory(src_tokens, doc_start, stream_id, memory_bank, knn_k, record_retrievals) as bindings:
+            output = self.decoder(src_tokens, **kwargs)
+        if record_retrievals:
+            output[1]["retrievals"] = {
+                layer: binding.record for layer, binding in bindings.items() if binding.record is not None
+            }
+        return output
