@@ -21,7 +21,9 @@ What (each only replaces a name fairseq looks up at call time, nothing else chan
    ``main``) ends on a plugin error by printing its one sentence and leaving at once
    with the error's exit status (1; 2 for ``BadCheckpointFile``, as the scripts'
    checks): Python's own handling of ``SystemExit`` knows only status 1, and its
-   teardown, with worker threads still running, can abort with status 134.
+   teardown, with worker threads still running, can abort with status 134. It also
+   checks a distributed launch first, bounds the wait for the other ranks, and turns
+   a lost peer into one sentence (:mod:`fairseq_memtrm.distributed`).
 
 The scripts (scripts/common.sh) also repair a broken ``checkpoint_last.pt`` left by a
 run without the plugin (stock fairseq), before they train.
@@ -35,7 +37,7 @@ from fairseq import checkpoint_utils
 from fairseq.distributed import utils as distributed_utils
 from fairseq.file_io import PathManager
 
-from fairseq_memtrm import checkpoint_files
+from fairseq_memtrm import checkpoint_files, distributed
 from fairseq_memtrm.errors import MemtrmUserError
 
 
@@ -50,7 +52,15 @@ class AtomicCopyPathManager(PathManager):
 
 def _call_main(cfg, main, **kwargs):
     try:
-        return _call_main.fairseq_original(cfg, main, **kwargs)
+        try:
+            distributed.check_launch(cfg)
+            with distributed.bounded_init(cfg):
+                return _call_main.fairseq_original(cfg, main, **kwargs)
+        except RuntimeError as error:  # a collective whose peer went away: one sentence, not a traceback
+            lost = distributed.as_lost_peer(error)
+            if lost is None:
+                raise
+            raise lost from None
     except MemtrmUserError as error:
         print(error.code, file=sys.stderr, flush=True)
         sys.stdout.flush()
