@@ -29,6 +29,7 @@ import contextlib
 import datetime
 import inspect
 import os
+import re
 from typing import Optional
 
 import torch
@@ -133,7 +134,9 @@ def bounded_init(cfg):
     def init_process_group(*args, timeout: Optional[datetime.timedelta] = None, **kwargs):
         wait = init_timeout()
         try:
-            original(*args, timeout=wait, **kwargs)
+            with held_stderr() as held:  # torch's C++ retries print stack frames while it waits
+                original(*args, timeout=wait, **kwargs)
+                held.keep = True
         except (RuntimeError, ValueError, TimeoutError) as error:
             raise LaunchError(
                 f"rank {dt.distributed_rank} of {dt.distributed_world_size}: the other ranks did not all join "
@@ -152,9 +155,36 @@ def bounded_init(cfg):
         torch.distributed.init_process_group = original
 
 
+@contextlib.contextmanager
+def held_stderr():
+    """File descriptor 2 goes to a temporary file; written back on exit if ``.keep`` was set."""
+    import sys
+    import tempfile
+
+    class Held:
+        keep = False
+
+    held = Held()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as buffer:
+        os.dup2(buffer.fileno(), 2)
+        try:
+            yield held
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if held.keep:
+                buffer.seek(0)
+                text = buffer.read()
+                if text:
+                    os.write(2, text)
+
+
 def first_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = lines[0] if lines else type(error).__name__
+    text = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", lines[0]) if lines else type(error).__name__
     return text if len(text) <= 200 else text[:197] + "..."
 
 
