@@ -203,3 +203,28 @@ def as_lost_peer(error: BaseException) -> Optional[LostPeerError]:
         f"rank {rank} of {world} lost the other ranks ({first_line(error)}): a process died or was "
         "stopped; run the same command again to resume from checkpoint_last.pt"
     )
+
+
+def broadcast_object_slow(obj, src_rank, group, dist_device):
+    """fairseq's ``distributed_utils._broadcast_object_slow``, receiving with
+    ``weights_only=False``. fairseq sends rank 0's loaded checkpoint state (its
+    ``cfg`` is an omegaconf ``DictConfig``) to the other ranks this way when a
+    run resumes; torch >= 2.6 refuses that by default, so without this every
+    resumed multi-process run died on rank 1. The bytes are what rank 0 of the
+    same job serialised itself, after its own checked load of the file."""
+    import io
+
+    from fairseq.distributed.utils import broadcast, get_rank
+
+    if get_rank(group) == src_rank:
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        buffer = torch.ByteTensor(buffer.getbuffer()).to(dist_device)
+        broadcast(torch.LongTensor([len(buffer)]).to(dist_device), src=src_rank, group=group)
+        broadcast(buffer, src=src_rank, group=group)
+        return obj
+    length = torch.LongTensor([0]).to(dist_device)
+    broadcast(length, src=src_rank, group=group)
+    buffer = torch.ByteTensor(int(length.item())).to(dist_device)
+    broadcast(buffer, src=src_rank, group=group)
+    return torch.load(io.BytesIO(buffer.cpu().numpy()), map_location="cpu", weights_only=False)
