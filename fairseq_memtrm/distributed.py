@@ -21,6 +21,9 @@ instead of a traceback or a hang:
 - a rank whose peers never come (world size 2, one process started): the
   rendezvous waits ``MEMTRM_DIST_INIT_TIMEOUT`` seconds (default 300), not
   torch's 30 minutes; collectives keep torch's 30-minute timeout.
+- ``fairseq-eval-lm --task document_lm`` on several ranks (its default on a
+  machine with several GPUs): it runs on one process instead, since fairseq
+  would print each rank's own perplexity and never their sum.
 - a peer that dies mid-run (its sockets close): the other ranks stop at their
   next collective with one sentence (exit 1) saying how to resume.
 """
@@ -28,6 +31,7 @@ instead of a traceback or a hang:
 import contextlib
 import datetime
 import inspect
+import logging
 import os
 import re
 from typing import Optional
@@ -35,6 +39,8 @@ from typing import Optional
 import torch
 
 from fairseq_memtrm.errors import MemtrmUserError
+
+logger = logging.getLogger(__name__)
 
 INIT_TIMEOUT_ENV = "MEMTRM_DIST_INIT_TIMEOUT"
 TORCHRUN_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")
@@ -67,11 +73,19 @@ def _model_reads_streams(cfg) -> bool:
     return cls is not None and "doc_start" in inspect.signature(cls.forward).parameters
 
 
-def check_launch(cfg) -> None:
+def check_launch(cfg, main=None) -> None:
     """Refuse (exit 2) or complete a launch before fairseq acts on it; see the module doc."""
     dt = cfg.distributed_training
     world = dt.distributed_world_size or 1
     if world <= 1 or getattr(cfg.common, "tpu", False):
+        return
+    if getattr(main, "__module__", "") == "fairseq_cli.eval_lm" and getattr(cfg.task, "_name", "") == "document_lm":
+        # fairseq-eval-lm shards the streams over the ranks but never sums their scores: each rank
+        # would print the perplexity of its own streams. Its world size defaults to the GPU count.
+        logger.warning("fairseq-eval-lm with --task document_lm runs on one process: --distributed-world-size "
+                       "%d -> 1 (each rank would report only its own streams' perplexity)", world)
+        dt.distributed_world_size = 1
+        dt.distributed_init_method = None
         return
     on_cpu = bool(cfg.common.cpu) or not torch.cuda.is_available()
     ddp = str(dt.ddp_backend)

@@ -56,7 +56,7 @@ class AtomicCopyPathManager(PathManager):
 def _call_main(cfg, main, **kwargs):
     try:
         try:
-            distributed.check_launch(cfg)
+            distributed.check_launch(cfg, main)
             with distributed.bounded_init(cfg):
                 return _call_main.fairseq_original(cfg, main, **kwargs)
         except RuntimeError as error:  # a collective whose peer went away: one sentence, not a traceback

@@ -212,3 +212,20 @@ def test_a_killed_rank_ends_the_other_with_one_sentence(prepared_data_bin, tmp_p
     assert "Traceback" not in out, out[-3000:]
     errors = [line for line in out.splitlines() if "error:" in line]
     assert len(errors) == 1 and "rank 0 of 2 lost the other ranks" in errors[0] and "resume" in errors[0]
+
+
+def test_eval_lm_of_a_two_rank_checkpoint_runs_on_one_process(memory_epoch, prepared_data_bin):
+    """fairseq-eval-lm never sums the ranks' scores: asked for 2 ranks it says so and scores on one,
+    the same perplexity as a plain single-process run."""
+    checkpoint = memory_epoch[0] / "save0" / "checkpoint_last.pt"
+    command = [str(BIN / "fairseq-eval-lm"), str(prepared_data_bin), "--user-dir", "fairseq_memtrm", "--task",
+               "document_lm", "--path", str(checkpoint), "--gen-subset", "valid", "--batch-size", "2",
+               "--tokens-per-sample", str(T), "--cpu"]
+    outs = [subprocess.run(command + extra, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=150)
+            for extra in ([], ["--distributed-world-size", "2"])]
+    ppl = []
+    for result in outs:
+        assert result.returncode == 0, result.stderr[-3000:]
+        ppl.append(re.search(r"Perplexity: ([\d.]+)", result.stdout + result.stderr).group(1))
+    assert ppl[0] == ppl[1]
+    assert "runs on one process: --distributed-world-size 2 -> 1" in outs[1].stderr
