@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
 
-    status, failed_at = 0, None
+    status, failed_at, terminated_at = 0, None, None
     while any(proc.poll() is None for proc in procs.values()):
         for rank, proc in procs.items():
             code = proc.poll()
@@ -131,7 +131,12 @@ def main(argv=None) -> int:
                 if proc.poll() is None:
                     print(f"train_distributed: terminating rank {rank}", file=sys.stderr, flush=True)
                     os.killpg(proc.pid, signal.SIGTERM)
-            failed_at = float("inf")
+            failed_at, terminated_at = float("inf"), time.monotonic()
+        if terminated_at is not None and time.monotonic() - terminated_at > 15:
+            for proc in procs.values():
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+            terminated_at = float("inf")
         time.sleep(0.2)
     for thread in pumps:
         thread.join(timeout=5)
