@@ -76,10 +76,23 @@ def _model_reads_streams(cfg) -> bool:
 def check_launch(cfg, main=None) -> None:
     """Refuse (exit 2) or complete a launch before fairseq acts on it; see the module doc."""
     dt = cfg.distributed_training
-    world = dt.distributed_world_size or 1
-    if world <= 1 or getattr(cfg.common, "tpu", False):
+    if getattr(cfg.common, "tpu", False):
         return
-    if getattr(main, "__module__", "") == "fairseq_cli.eval_lm" and getattr(cfg.task, "_name", "") == "document_lm":
+    on_cpu = bool(cfg.common.cpu) or not torch.cuda.is_available()
+    eval_lm = getattr(main, "__module__", "") == "fairseq_cli.eval_lm"
+    if (on_cpu and not eval_lm and dt.distributed_init_method is None
+            and all(key in os.environ for key in TORCHRUN_ENV) and int(os.environ["WORLD_SIZE"]) > 1):
+        # torchrun (or torch.distributed.launch) on CPU: take its launch as it is (fairseq's
+        # inference divides by the GPU count, and its default world size on CPU is 1).
+        dt.distributed_init_method = "env://"
+        dt.distributed_world_size = int(os.environ["WORLD_SIZE"])
+        dt.distributed_rank = int(os.environ["RANK"])
+        dt.distributed_no_spawn = True
+        dt.device_id = 0
+    world = dt.distributed_world_size or 1
+    if world <= 1:
+        return
+    if eval_lm and getattr(cfg.task, "_name", "") == "document_lm":
         # fairseq-eval-lm shards the streams over the ranks but never sums their scores: each rank
         # would print the perplexity of its own streams. Its world size defaults to the GPU count.
         logger.warning("fairseq-eval-lm with --task document_lm runs on one process: --distributed-world-size "
@@ -87,16 +100,8 @@ def check_launch(cfg, main=None) -> None:
         dt.distributed_world_size = 1
         dt.distributed_init_method = None
         return
-    on_cpu = bool(cfg.common.cpu) or not torch.cuda.is_available()
     ddp = str(dt.ddp_backend)
     if on_cpu:
-        if dt.distributed_init_method is None and all(key in os.environ for key in TORCHRUN_ENV):
-            # torchrun (or torch.distributed.launch) on CPU: take its launch as it is.
-            dt.distributed_init_method = "env://"
-            dt.distributed_world_size = world = int(os.environ["WORLD_SIZE"])
-            dt.distributed_rank = int(os.environ["RANK"])
-            dt.distributed_no_spawn = True
-            dt.device_id = 0
         if dt.distributed_init_method is None:
             raise LaunchError(
                 f"--distributed-world-size {world} on CPU needs an explicit launch, one process per rank: "

@@ -229,3 +229,19 @@ def test_eval_lm_of_a_two_rank_checkpoint_runs_on_one_process(memory_epoch, prep
         ppl.append(re.search(r"Perplexity: ([\d.]+)", result.stdout + result.stderr).group(1))
     assert ppl[0] == ppl[1]
     assert "runs on one process: --distributed-world-size 2 -> 1" in outs[1].stderr
+
+
+def test_torchrun_on_cpu_trains_two_ranks(prepared_data_bin, tmp_path):
+    """fairseq's own inference of a torchrun launch divides by the GPU count; the plugin takes it from
+    torchrun's environment on CPU (without it, each process trained alone)."""
+    result = subprocess.run(
+        [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", str(free_port()), str(BIN / "fairseq-train"),
+         str(prepared_data_bin), *COMMON, *PLAIN, "--max-update", "2", "--disable-validation", "--cpu",
+         "--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp", "--save-dir", str(tmp_path),
+         "--stream-log", str(tmp_path / "streams")],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=150)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    logs = [read_log(tmp_path / "streams", rank) for rank in range(2)]
+    assert all(r["world"] == 2 for log in logs for r in log) and len(logs[0]) == len(logs[1]) == 2
+    assert [r["weights_sha1"] for r in logs[0]] == [r["weights_sha1"] for r in logs[1]]
+    assert not {d for r in logs[0] for d in r["doc_id"]} & {d for r in logs[1] for d in r["doc_id"]}
