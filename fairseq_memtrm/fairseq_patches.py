@@ -1,4 +1,4 @@
-"""Three small changes to fairseq 0.12, made when the plugin is imported (``--user-dir``).
+"""Four small changes to fairseq 0.12, made when the plugin is imported (``--user-dir``).
 
 Why: fairseq saves ``checkpoint_E_N.pt`` atomically (a ``.tmp`` file renamed), then
 copies it to ``checkpoint_last.pt`` with a plain ``shutil.copyfile``; a run killed
@@ -21,7 +21,12 @@ What (each only replaces a name fairseq looks up at call time, nothing else chan
    ``main``) ends on a plugin error by printing its one sentence and leaving at once
    with the error's exit status (1; 2 for ``BadCheckpointFile``, as the scripts'
    checks): Python's own handling of ``SystemExit`` knows only status 1, and its
-   teardown, with worker threads still running, can abort with status 134.
+   teardown, with worker threads still running, can abort with status 134. It also
+   checks a distributed launch first, bounds the wait for the other ranks, and turns
+   a lost peer into one sentence (:mod:`fairseq_memtrm.distributed`).
+4. ``distributed_utils._broadcast_object_slow`` (rank 0 sends a resumed checkpoint's
+   state to the other ranks) unpickles with ``weights_only=False``: torch >= 2.6
+   refused fairseq's ``DictConfig`` there, so a resumed multi-process run died.
 
 The scripts (scripts/common.sh) also repair a broken ``checkpoint_last.pt`` left by a
 run without the plugin (stock fairseq), before they train.
@@ -35,7 +40,7 @@ from fairseq import checkpoint_utils
 from fairseq.distributed import utils as distributed_utils
 from fairseq.file_io import PathManager
 
-from fairseq_memtrm import checkpoint_files
+from fairseq_memtrm import checkpoint_files, distributed
 from fairseq_memtrm.errors import MemtrmUserError
 
 
@@ -50,7 +55,15 @@ class AtomicCopyPathManager(PathManager):
 
 def _call_main(cfg, main, **kwargs):
     try:
-        return _call_main.fairseq_original(cfg, main, **kwargs)
+        try:
+            distributed.check_launch(cfg, main)
+            with distributed.bounded_init(cfg):
+                return _call_main.fairseq_original(cfg, main, **kwargs)
+        except RuntimeError as error:  # a collective whose peer went away: one sentence, not a traceback
+            lost = distributed.as_lost_peer(error)
+            if lost is None:
+                raise
+            raise lost from None
     except MemtrmUserError as error:
         print(error.code, file=sys.stderr, flush=True)
         sys.stdout.flush()
@@ -67,7 +80,7 @@ def _call_main(cfg, main, **kwargs):
 
 
 def install() -> None:
-    """Apply the three changes (once)."""
+    """Apply the changes (once)."""
     if checkpoint_utils.PathManager is not AtomicCopyPathManager:
         checkpoint_utils.PathManager = AtomicCopyPathManager
     if not hasattr(checkpoint_utils.load_checkpoint_to_cpu, "fairseq_original"):
@@ -76,3 +89,5 @@ def install() -> None:
     if not hasattr(distributed_utils.call_main, "fairseq_original"):
         _call_main.fairseq_original = distributed_utils.call_main
         distributed_utils.call_main = _call_main
+    # 4. how rank 0 hands a resumed checkpoint to the other ranks (see the function)
+    distributed_utils._broadcast_object_slow = distributed.broadcast_object_slow

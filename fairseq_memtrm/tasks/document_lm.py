@@ -18,11 +18,23 @@ they read the same segments as a baseline, without memory.
 Resuming from ``checkpoint_last.pt`` mid-epoch continues with the next batch
 of the same streams, but the kNN memory is not saved in checkpoints: it
 restarts empty and refills from the next segments on.
+
+Under fairseq's distributed training (docs/distributed.md) rank r of W reads
+the global streams ``rB .. rB+B-1`` of ``B x W``: fairseq passes the rank and
+world size as ``shard_id``/``num_shards`` to ``get_batch_iterator``, and every
+rank gets as many batches. Each process keeps its own memory; the task logs,
+on every rank, its streams and memory, and checks that the memories of all
+ranks on one host fit in its RAM. ``--stream-log PREFIX`` writes, per rank,
+``PREFIX.rankR.jsonl``: one line per training batch with its documents,
+segments, loss and a digest of the weights it was computed with.
 """
 
+import hashlib
 import inspect
+import json
 import logging
 import os
+import socket
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -31,8 +43,10 @@ from fairseq.data import Dictionary, data_utils, iterators
 from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
+import torch
 
 from fairseq_memtrm.data import DocumentDataset, DocumentStreamDataset
+from fairseq_memtrm.distributed import rank_and_world
 from fairseq_memtrm.errors import MemtrmUserError
 
 logger = logging.getLogger(__name__)
@@ -58,6 +72,18 @@ class DocumentLMConfig(FairseqDataclass):
     add_bos_token: bool = field(
         default=False, metadata={"help": "unsupported by document_lm (documents start with </s>); keep False"}
     )
+    stream_log: Optional[str] = field(
+        default=None,
+        metadata={"help": "write PREFIX.rankR.jsonl per rank: every training batch's documents, segments, loss "
+                          "and weight digest (for checking distributed runs and resumes)"},
+    )
+
+
+def free_ram_bytes() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no check
+        return 1 << 62
 
 
 def drop_stream_keys(module, args, kwargs):
@@ -75,6 +101,9 @@ class DocumentLMTask(FairseqTask):
         if cfg.add_bos_token:
             raise MemtrmUserError("--add-bos-token is not supported by --task document_lm; drop it")
         self.streams_per_rank = self._streams_per_rank(cfg)
+        self.memory_bank = None  # the model's, when it has a kNN memory
+        self.ranks_on_host = 1
+        self._stream_log = None
 
     @staticmethod
     def _streams_per_rank(cfg) -> int:
@@ -159,6 +188,7 @@ class DocumentLMTask(FairseqTask):
         )
         # The trainer reads ``first_batch`` (its dummy batch) before any epoch starts.
         streams.set_epoch(epoch)
+        self._log_rank_streams(streams, num_shards, shard_id)
         return iterators.EpochBatchIterator(
             dataset=streams,
             collate_fn=streams.collater,
@@ -202,8 +232,80 @@ class DocumentLMTask(FairseqTask):
             data_buffer_size=data_buffer_size,
         ).next_epoch_itr(shuffle=False)
 
+    def _log_rank_streams(self, streams: DocumentStreamDataset, num_shards: int, shard_id: int) -> None:
+        """On every rank: which streams and documents it reads, and its memory (checked against this
+        host's free RAM for all the ranks here, when the memory lives in RAM)."""
+        if num_shards <= 1:
+            return
+        layout = streams.layout()
+        mine = list(streams.my_streams())
+        docs = sorted(d for s in mine for d in layout.streams[s])
+        logger.info(
+            "rank %d of %d: %s streams %d-%d of %d, %d documents (%d segments), %d batches",
+            shard_id, num_shards, streams.stream_id, mine[0], mine[-1], streams.batch_size * num_shards, len(docs),
+            int(streams.doc_segments[docs].sum()) if docs else 0, len(streams),
+        )
+        if self.memory_bank is None or streams.stream_id != self.cfg.train_subset:
+            return
+        per_rank = 2 * streams.batch_size * self.memory_bank.bytes_per_stream()  # train + valid stream sets
+        logger.info(
+            "rank %d: kNN memory %.1f MiB per stream, %.1f MiB with train and valid (%d streams each), "
+            "%d rank(s) on this host", shard_id, self.memory_bank.bytes_per_stream() / 2**20, per_rank / 2**20,
+            streams.batch_size, self.ranks_on_host,
+        )
+        if not torch.cuda.is_available():  # all ranks of this host share its RAM
+            need = self.ranks_on_host * per_rank
+            free = free_ram_bytes()
+            if need > 0.9 * free:
+                raise MemtrmUserError(
+                    f"the kNN memories of the {self.ranks_on_host} ranks on this host need {need / 2**30:.1f} GiB "
+                    f"({self.ranks_on_host} x 2 stream sets x {streams.batch_size} streams x "
+                    f"{self.memory_bank.bytes_per_stream() / 2**20:.0f} MiB) but only {free / 2**30:.1f} GiB is "
+                    "free; lower --memory-size or --batch-size, use --memory-dtype fp16, or run fewer ranks per host"
+                )
+
+    def _count_ranks_on_host(self) -> int:
+        """How many ranks share this host (one all-gather of host names; every rank builds its model)."""
+        rank, world = rank_and_world()
+        if world <= 1:
+            return 1
+        names = [None] * world
+        torch.distributed.all_gather_object(names, socket.gethostname())
+        return names.count(socket.gethostname())
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False, **kwargs):
+        loss, sample_size, logging_output = super().train_step(
+            sample, model, criterion, optimizer, update_num, ignore_grad=ignore_grad, **kwargs
+        )
+        if self.cfg.stream_log and not ignore_grad:  # ignore_grad: fairseq's dummy batch
+            self._write_stream_log(sample, model, update_num, loss, sample_size)
+        return loss, sample_size, logging_output
+
+    def _write_stream_log(self, sample, model, update_num, loss, sample_size) -> None:
+        rank, world = rank_and_world()
+        if self._stream_log is None:
+            path = f"{self.cfg.stream_log}.rank{rank}.jsonl"
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self._stream_log = open(path, "a", buffering=1)
+        digest = hashlib.sha1()
+        for _, param in sorted(model.named_parameters()):
+            digest.update(param.detach().cpu().float().numpy().tobytes())
+        record = {
+            "rank": rank, "world": world, "update": int(update_num),
+            "doc_id": sample["doc_id"].tolist(), "segment": sample["segment"].tolist(),
+            "ntokens": int(sample["ntokens"]), "loss": float(loss.detach()), "sample_size": float(sample_size),
+            "weights_sha1": digest.hexdigest(),
+        }
+        self._stream_log.write(json.dumps(record) + "\n")
+
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
+        self.memory_bank = getattr(model, "memory_bank", None)
+        rank, world = rank_and_world()
+        if world > 1:
+            # fairseq keeps only rank 0's INFO lines; the plugin's are per rank (streams, memory).
+            logging.getLogger("fairseq_memtrm").setLevel(logging.INFO)
+            self.ranks_on_host = self._count_ranks_on_host()
         if "doc_start" not in inspect.signature(model.forward).parameters:
             model.register_forward_pre_hook(drop_stream_keys, with_kwargs=True)
             logger.info(
