@@ -4,6 +4,9 @@
 BIN=${BIN:-.venv/bin}
 SHAPE=(--decoder-layers 6 --decoder-embed-dim 256 --decoder-input-dim 256 --decoder-output-dim 256
        --decoder-ffn-embed-dim 1024 --decoder-attention-heads 4 --share-decoder-input-output-embed)
+# Dropout of every phase, the fine-tunes' included: 0, since the books runs read each token
+# about once, and a fine-tune keeps the dropout its vanilla was trained with.
+DROPOUT=${DROPOUT:-0.0}
 TOKENS_PER_SAMPLE=${TOKENS_PER_SAMPLE:-512}
 BATCH_SIZE=${BATCH_SIZE:-4}
 SEED=${SEED:-1}

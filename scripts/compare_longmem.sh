@@ -57,10 +57,10 @@ for M in ${TRAIN_MEMORIES:-8192 65536}; do
         --title "$NAME: memory $M" --out "$OUT/compare-$M" --log-format simple "${CPU_FLAG[@]}"
     if [ "${STALENESS:-1}" = 1 ]; then
         timed "staleness-memory-$M" staleness "$OUT/staleness-paper-memory-$M.json" \
-            --arch memorizing_transformer_lm "${SHAPE[@]}" --dropout 0.1 --memory-size "$M" --knn-k "${KNN_K:-32}" \
+            --arch memorizing_transformer_lm "${SHAPE[@]}" --dropout "$DROPOUT" --memory-size "$M" --knn-k "${KNN_K:-32}" \
             --finetune-from-model "$VANILLA"
         timed "staleness-longmem-$M" staleness "$OUT/staleness-longmem-$M.json" \
-            --arch longmem_sidenet_lm --backbone-checkpoint "$VANILLA" --dropout 0.1 --memory-size "$M" \
+            --arch longmem_sidenet_lm --backbone-checkpoint "$VANILLA" --dropout "$DROPOUT" --memory-size "$M" \
             --knn-k "${KNN_K:-32}" --memory-chunk-size "${CHUNK_SIZE:-1}"
     fi
 done

@@ -19,6 +19,6 @@ shift 3
 [ -f "$BACKBONE" ] || { echo "finetune_longmem.sh: no checkpoint $BACKBONE; run scripts/train_vanilla.sh first" >&2; exit 2; }
 start_finetune "$DATA" "$BACKBONE" "$SAVE" --backbone-checkpoint
 exec "$BIN/fairseq-train" "$DATA" --user-dir fairseq_memtrm --task document_lm \
-    --arch longmem_sidenet_lm --backbone-checkpoint "$BACKBONE" --side-layers "${SIDE_LAYERS:-0}" --dropout 0.1 \
+    --arch longmem_sidenet_lm --backbone-checkpoint "$BACKBONE" --side-layers "${SIDE_LAYERS:-0}" --dropout "$DROPOUT" \
     --memory-size "${MEMORY_SIZE:-65536}" --knn-k "${KNN_K:-32}" --memory-chunk-size "${CHUNK_SIZE:-1}" \
     "${FINETUNE_OPTIONS[@]}" "$@"

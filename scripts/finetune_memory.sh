@@ -5,7 +5,7 @@
 # Resumable: rerunning continues from SAVE_DIR/checkpoint_last.pt.
 #
 #   scripts/finetune_memory.sh DATA_BIN VANILLA_CKPT SAVE_DIR [extra fairseq-train args]
-#   env: MEMORY_SIZE (65536), MAX_UPDATE (400), KNN_K (32), LR (2e-4)
+#   env: MEMORY_SIZE (65536), MAX_UPDATE (400), KNN_K (32), LR (2e-4), DROPOUT (0)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
@@ -16,7 +16,7 @@ shift 3
 [ -f "$VANILLA" ] || { echo "finetune_memory.sh: no checkpoint $VANILLA; run scripts/train_vanilla.sh first" >&2; exit 2; }
 start_finetune "$DATA" "$VANILLA" "$SAVE"
 exec "$BIN/fairseq-train" "$DATA" --user-dir fairseq_memtrm --task document_lm \
-    --arch memorizing_transformer_lm "${SHAPE[@]}" --dropout 0.1 \
+    --arch memorizing_transformer_lm "${SHAPE[@]}" --dropout "$DROPOUT" \
     --memory-size "${MEMORY_SIZE:-65536}" --knn-k "${KNN_K:-32}" \
     --finetune-from-model "$VANILLA" \
     "${FINETUNE_OPTIONS[@]}" "$@"

@@ -18,7 +18,7 @@
 #
 #   scripts/train_vanilla.sh DATA_BIN SAVE_DIR [extra fairseq-train args, both phases]
 #   env: COPY_UPDATES, COPY_TOKENS_PER_SAMPLE, REPEAT_PROB, COPY_LR (1e-3), MAX_UPDATE, LR,
-#        CONTEXT_REPEAT_PROB (0: plain language_modeling in phase 2), DROPOUT (0: the books run reads each token about once), TOKENS_PER_SAMPLE, BATCH_SIZE, SEED
+#        CONTEXT_REPEAT_PROB (0: plain language_modeling in phase 2), DROPOUT (0), TOKENS_PER_SAMPLE, BATCH_SIZE, SEED
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
@@ -37,7 +37,7 @@ train_phase() {
     local dir=$1
     shift
     "$BIN/fairseq-train" "$DATA" --sample-break-mode none \
-        --arch transformer_lm "${SHAPE[@]}" --dropout "${DROPOUT:-0.0}" --batch-size "$BATCH_SIZE" \
+        --arch transformer_lm "${SHAPE[@]}" --dropout "$DROPOUT" --batch-size "$BATCH_SIZE" \
         --optimizer adam --adam-betas '(0.9, 0.98)' --clip-norm 1.0 \
         --seed "$SEED" --save-dir "$dir" --no-epoch-checkpoints --keep-interval-updates -1 \
         --disable-validation --log-format simple --log-interval 100 "${CPU_FLAG[@]}" "$@"
