@@ -70,3 +70,15 @@ def summarise(name, checkpoint, memory_size, scored, wall, far_position, gates):
     if "retrieval" in scored:
         row["retrieval"] = scored["retrieval"]
     return row
+
+
+def save_perplexity_plot(fig, ax, report, path) -> None:
+    """Label a report's perplexity figure (y axis, title, legend), write it and close it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_ylabel(f"perplexity ({report['subset']})")
+    ax.set_title(report["title"])
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

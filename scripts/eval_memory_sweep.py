@@ -45,7 +45,7 @@ from fairseq.data import Dictionary  # noqa: E402
 
 from fairseq_memtrm.diagnostics import copy_score, load_passages, plant_passage, planted_passage_loss  # noqa: E402
 from fairseq_memtrm.errors import MemtrmUserError  # noqa: E402
-from fairseq_memtrm.evaluation import gate_values, load, summarise  # noqa: E402
+from fairseq_memtrm.evaluation import gate_values, load, save_perplexity_plot, summarise  # noqa: E402
 from fairseq_memtrm.models.memory_model import MemoryModel  # noqa: E402
 
 logger = logging.getLogger("eval_memory_sweep")
@@ -288,12 +288,7 @@ def write_outputs(out, report):
         ax.axhline(row["ppl"], linestyle="--", linewidth=1, color=f"C{colour}",
                    label=f"{row['name']} (memory {row['memory_size']})")
     ax.set_xlabel("evaluation memory size (tokens, log scale)")
-    ax.set_ylabel(f"perplexity ({report['subset']})")
-    ax.set_title(report["title"])
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "memory_sweep.png", dpi=120)
-    plt.close(fig)
+    save_perplexity_plot(fig, ax, report, out / "memory_sweep.png")
 
 
 def main(argv=None):

@@ -43,7 +43,7 @@ import torch
 from fairseq import utils  # noqa: E402
 
 from fairseq_memtrm.errors import MemtrmUserError  # noqa: E402
-from fairseq_memtrm.evaluation import gate_values, load, summarise  # noqa: E402
+from fairseq_memtrm.evaluation import gate_values, load, save_perplexity_plot, summarise  # noqa: E402
 from fairseq_memtrm.testtime import DynamicEvaluator, NeuralCache, StaticScorer, gradient_rms, score_streams  # noqa: E402
 from fairseq_memtrm.testtime.knn_lm import KNNLM  # noqa: E402
 
@@ -231,12 +231,7 @@ def write_outputs(out: Path, report):
     ax.bar(x + 0.2, [r["ppl_past_far_position"] or 0 for r in runs], 0.4, label=f"past token {far}")
     ax.set_xticks(x)
     ax.set_xticklabels([r["name"] for r in runs], rotation=20, fontsize=8)
-    ax.set_ylabel(f"perplexity ({report['subset']})")
-    ax.set_title(report["title"])
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "testtime.png", dpi=120)
-    plt.close(fig)
+    save_perplexity_plot(fig, ax, report, out / "testtime.png")
 
 
 def main(argv=None):
