@@ -3,11 +3,8 @@
 A checkpoint of this plugin is read with everything it needs to turn text into
 the token ids it was trained on: the fairseq dictionary (``dict.txt``) and the
 SentencePiece model (``spm.model``), both found next to the checkpoint (the
-demo assets) or in its data-bin. Documents are encoded the way
-``scripts/prepare_data.py`` + ``fairseq-preprocess`` prepare a document for
-``document_lm``: tabs become 4 spaces, blank lines are dropped, each line
-becomes its pieces plus ``</s>`` (a line break is an end-of-sentence token),
-and, as in ``document_lm``'s first segment, ``</s>`` comes first.
+demo assets) or in its data-bin. Documents are encoded by the encoder
+``scripts/prepare_data.py`` uses (``fairseq_memtrm/data/encoding.py``).
 """
 
 import logging
@@ -19,6 +16,7 @@ import torch
 
 import fairseq_memtrm  # noqa: F401  (fills fairseq's registries)
 from fairseq_memtrm.checkpoint_files import load_checkpoint_to_cpu
+from fairseq_memtrm.data.encoding import document_ids
 from fairseq_memtrm.errors import MemtrmUserError
 
 logger = logging.getLogger(__name__)
@@ -50,13 +48,8 @@ class DemoModel:
         return self.checkpoint if relative.startswith("..") else relative
 
     def encode(self, text: str) -> List[int]:
-        """Document text -> token ids: ``</s>``, then per non-blank line its pieces and ``</s>``."""
-        lines = [line.expandtabs(4).rstrip() for line in text.splitlines()]
-        ids: List[int] = [self.dictionary.eos()]
-        for pieces in self.spm.encode([line for line in lines if line.strip()], out_type=str):
-            ids.extend(self.dictionary.index(p) for piece in pieces for p in piece.split())
-            ids.append(self.dictionary.eos())
-        return ids
+        """Document text -> token ids, as ``prepare_data.py`` encodes training data (``data.encoding``)."""
+        return document_ids(self.spm, self.dictionary, text)
 
     def token_texts(self, token_ids) -> List[str]:
         """Display text of every token of a document: SentencePiece's dummy-prefix

@@ -53,6 +53,7 @@ from typing import Dict, Iterator, List, Optional
 import sentencepiece as spm
 from tqdm import tqdm
 
+from fairseq_memtrm.data.encoding import document_lines, line_pieces
 from fairseq_memtrm.errors import MemtrmUserError  # noqa: E402
 
 logger = logging.getLogger("prepare_data")
@@ -154,8 +155,7 @@ def read_document(path: str, max_chars: Optional[int]):
         return [], replaced, f"not text ({replaced / len(raw):.0%} of its bytes are not UTF-8)"
     if max_chars:
         text = text[:max_chars]
-    lines = [line.expandtabs(4).rstrip() for line in text.splitlines()]
-    return [line for line in lines if line.strip()], replaced, None
+    return document_lines(text), replaced, None
 
 
 # ------------------------------------------------------------ sentencepiece
@@ -237,9 +237,7 @@ def encode_split(processor, split: str, files: List[str], out_path: str, args) -
                 continue
             if stats.documents:
                 out.write("\n")  # the document separator
-            for pieces in processor.encode(lines, out_type=str):
-                # A piece can hold exotic whitespace that fairseq would split on.
-                pieces = [p for piece in pieces for p in piece.split()]
+            for pieces in line_pieces(processor, lines):
                 out.write(" ".join(pieces) + "\n")
                 stats.tokens += len(pieces) + 1
             stats.documents += 1
