@@ -15,10 +15,11 @@ report for token ``t`` is that query's retrieval and the loss of ``t``. A
 memory entry at document position ``p`` holds the key/value computed while
 reading token ``p``; its *distance* is ``(t - 1) - p`` tokens back.
 
-Entries are merged over heads: an entry's *weight* is the share of the layer's
-attention output that came from it, ``sum_h gate_h * p_h(entry) / H``, where
-``p_h`` is head h's softmax weight over its top-k and ``gate_h`` its memory
-gate; its *score* is the best cosine similarity any head gave it.
+Entries are merged over heads (``fairseq_memtrm.analysis.merge_heads``): an
+entry's *weight* is the share of the layer's attention output that came from
+it, ``sum_h gate_h * p_h(entry) / H``, where ``p_h`` is head h's softmax weight
+over its top-k and ``gate_h`` its memory gate; its *score* is the best cosine
+similarity any head gave it.
 """
 
 import threading
@@ -28,6 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from fairseq_memtrm.analysis import merge_heads
 from fairseq_memtrm.errors import MemtrmUserError
 from fairseq_memtrm.memory import MemoryBank
 
@@ -123,38 +125,6 @@ def _token_losses(model, logits: torch.Tensor, target: torch.Tensor) -> torch.Te
     """(1, T, V) logits and (1, T) targets -> (T,) negative log-likelihoods in nats."""
     log_probs = model.get_normalized_probs((logits, None), log_probs=True).float()
     return -log_probs[0].gather(-1, target[0].unsqueeze(-1)).squeeze(-1)
-
-
-def merge_heads(positions, scores, probs, gate, top_k: int):
-    """Merge one segment's per-head retrievals into per-token entries.
-
-    Args: ``positions`` (H, T, k) int64 (-1 invalid), ``scores`` (H, T, k),
-    ``probs`` (H, T, k) softmax over each head's top-k, ``gate`` (H, T).
-    Returns (T, top_k) tensors ``positions``, ``scores``, ``weights``, ``heads``
-    (bitmask), sorted by weight, descending; missing entries have position -1.
-    """
-    heads, seq_len, k = positions.shape
-    flat_positions = positions.permute(1, 0, 2).reshape(seq_len, heads * k)
-    flat_scores = scores.permute(1, 0, 2).reshape(seq_len, heads * k).float()
-    flat_weights = (probs * gate.unsqueeze(-1) / heads).permute(1, 0, 2).reshape(seq_len, heads * k).float()
-    head_bits = (1 << torch.arange(heads, dtype=torch.int64)).repeat_interleave(k).to(positions.device)
-    valid = flat_positions >= 0
-    # same[t, i, j]: candidates i and j of token t are the same document position
-    same = (flat_positions.unsqueeze(2) == flat_positions.unsqueeze(1)) & valid.unsqueeze(2) & valid.unsqueeze(1)
-    merged_weights = (same * flat_weights.unsqueeze(1)).sum(-1)
-    merged_scores = flat_scores.unsqueeze(1).expand(-1, heads * k, -1).masked_fill(~same, float("-inf")).amax(-1)
-    merged_heads = (same * head_bits.view(1, 1, -1)).sum(-1)  # each head lists a position once
-    first = valid & ~torch.tril(same, diagonal=-1).any(-1)  # keep one candidate per position
-    rank_key = merged_weights.masked_fill(~first, -1.0)
-    top_k = min(top_k, heads * k)
-    order = rank_key.topk(top_k, dim=-1).indices
-    kept = rank_key.gather(1, order) >= 0
-    return (
-        flat_positions.gather(1, order).masked_fill(~kept, -1),
-        merged_scores.gather(1, order).masked_fill(~kept, float("nan")),
-        merged_weights.gather(1, order).masked_fill(~kept, 0.0),
-        merged_heads.gather(1, order).masked_fill(~kept, 0),
-    )
 
 
 def _store_retrievals(record, knn_k: int, first_token: int, arrays) -> None:

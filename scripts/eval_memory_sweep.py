@@ -34,7 +34,6 @@ import os
 import platform
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +42,7 @@ import torch
 from fairseq import progress_bar, utils  # noqa: E402
 from fairseq.data import Dictionary  # noqa: E402
 
+from fairseq_memtrm.analysis import entries_hold_token, gains_by_token_type
 from fairseq_memtrm.diagnostics import copy_score, load_passages, plant_passage, planted_passage_loss  # noqa: E402
 from fairseq_memtrm.errors import MemtrmUserError  # noqa: E402
 from fairseq_memtrm.evaluation import gate_values, load, save_perplexity_plot, summarise  # noqa: E402
@@ -135,8 +135,7 @@ def retrieval_quality(record, doc_tokens, sample, mask):
         real = mask[row].cpu()
         if past is None or not found[row].any():
             continue
-        retrieved = past[positions[row].clamp(0, past.numel() - 1)]  # (H, T)
-        hit = retrieved == target[row]
+        hit = entries_hold_token(past, positions[row], target[row])  # (H, T)
         holds.append(hit[:, real][found[row][:, real]])  # only where something was found
         seen.append(torch.isin(target[row][real], past))
     empty = torch.zeros(0, dtype=torch.bool)
@@ -181,13 +180,9 @@ def biggest_gains(without, with_memory, dictionary, top=25, min_count=5):
     if not np.array_equal(without["type"], with_memory["type"]):
         raise RuntimeError("the two runs scored different tokens; cannot compare per token")
     gain = without["loss"] - with_memory["loss"]
-    totals, counts = defaultdict(float), defaultdict(int)
-    for token, g in zip(without["type"].tolist(), gain.tolist()):
-        totals[token] += g
-        counts[token] += 1
-    ranked = sorted((t for t in totals if counts[t] >= min_count), key=lambda t: -totals[t])[:top]
-    return [{"token": dictionary[t], "count": counts[t], "total_gain_nats": round(totals[t], 2),
-             "mean_gain_nats": round(totals[t] / counts[t], 3)} for t in ranked]
+    ranked = gains_by_token_type(without["type"].tolist(), gain.tolist(), top, min_count)
+    return [{"token": dictionary[g.token], "count": g.count, "total_gain_nats": round(g.total, 2),
+             "mean_gain_nats": round(g.mean, 3)} for g in ranked]
 
 
 class RunCache:

@@ -20,7 +20,7 @@ from demo.app import (DemoApp, gain_colour, list_samples, looks_like_code, max_u
 from demo.checkpoint import DEMO_CHECKPOINT, DEMO_CHECKPOINTS, load_demo_model
 from demo.checks import FAR_CALLS, far_call_retrievals, name_pieces_last_seen_far_back, name_recall
 from demo.checks import main as checks_main
-from demo.report import build_report, check_document, merge_heads, token_details
+from demo.report import build_report, check_document, token_details
 from fairseq_memtrm.errors import MemtrmUserError
 
 PLUGIN = str(Path(__file__).resolve().parents[1] / "fairseq_memtrm")
@@ -172,19 +172,6 @@ def test_concurrent_sessions_never_share_memory(same_token_model):
     for solo, shared in zip(alone, together):
         np.testing.assert_array_equal(solo.entry_positions, shared.entry_positions)
         np.testing.assert_allclose(solo.loss_with_memory, shared.loss_with_memory, atol=1e-6)
-
-
-def test_merge_heads_sums_weights_of_a_shared_entry():
-    # 2 heads, 1 token, k=2: both heads retrieve position 7; head 1 also 3
-    positions = torch.tensor([[[7, -1]], [[3, 7]]])
-    scores = torch.tensor([[[0.9, float("-inf")]], [[0.8, 0.5]]])
-    probs = torch.tensor([[[1.0, 0.0]], [[0.5, 0.5]]])
-    gate = torch.tensor([[0.5], [1.0]])
-    merged_positions, merged_scores, merged_weights, merged_heads = merge_heads(positions, scores, probs, gate, 4)
-    assert merged_positions[0].tolist() == [7, 3, -1, -1]
-    np.testing.assert_allclose(merged_weights[0].numpy(), [0.5, 0.25, 0, 0])  # (.5*1 + 1*.5)/2 ; 1*.5/2
-    np.testing.assert_allclose(merged_scores[0, :2].numpy(), [0.9, 0.8])
-    assert merged_heads[0].tolist() == [0b11, 0b10, 0, 0]
 
 
 def test_bad_documents_get_clear_errors(tmp_path):
