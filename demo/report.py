@@ -29,7 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from fairseq_memtrm.analysis import merge_heads
+from fairseq_memtrm.analysis import TokenTypeGain, entries_hold_token, gains_by_token_type, merge_heads
 from fairseq_memtrm.errors import MemtrmUserError
 from fairseq_memtrm.memory import MemoryBank
 
@@ -37,7 +37,14 @@ from fairseq_memtrm.memory import MemoryBank
 #: (115 MB at 300K tokens) and reading it a few minutes of CPU for a tiny model.
 MAX_DOCUMENT_TOKENS = 300_000
 
-ProgressCallback = Callable[[int, int, str], None]
+#: Top predictions kept per token and pass (with and without memory).
+TOP_PREDICTIONS = 5
+
+ProgressCallback = Callable[[int, int], None]
+
+
+class ReadCancelled(Exception):
+    """The reader asked to stop (``build_report``'s ``should_stop``)."""
 
 
 @dataclass
@@ -51,11 +58,17 @@ class DocumentReport:
     entry_scores: np.ndarray  # (N, K) float16 cosine similarity (best head)
     entry_weights: np.ndarray  # (N, K) float16 share of the layer output, sorted descending
     entry_heads: np.ndarray  # (N, K) int32 (int64 past 31 heads): bit h set when head h retrieved it
-    gates: np.ndarray  # (N, H) float32 memory gate per head; 0 where nothing was retrieved
+    memory_share: np.ndarray  # (N,) float32 share of the layer's output from memory (mean over heads)
+    predictions_with_memory: np.ndarray  # (N, P) int32 the P most probable tokens, most probable first
+    prediction_probs_with_memory: np.ndarray  # (N, P) float16 their probabilities
+    predictions_without_memory: np.ndarray  # (N, P) int32
+    prediction_probs_without_memory: np.ndarray  # (N, P) float16
+    head_gates: np.ndarray  # (H,) float32 the learned gates sigmoid(b_h): one constant per head
     segment_starts: np.ndarray  # (S,) int64 first token of each segment
     layer: int  # decoder layer the retrievals come from
     memory_size: int
     knn_k: int
+    shift_keys: bool  # entries keyed by the token before them: a retrieved token is a proposal
     stream_id: str = ""
 
     @property
@@ -66,6 +79,20 @@ class DocumentReport:
     def memory_gain(self) -> np.ndarray:
         """(N,) loss without memory minus loss with memory: > 0 where memory helped."""
         return self.loss_without_memory - self.loss_with_memory
+
+    def segment_of(self, index: int) -> int:
+        """The segment token ``index`` was predicted in (token 0: segment 0)."""
+        return int(np.searchsorted(self.segment_starts, max(index - 1, 0), side="right") - 1)
+
+    def segment_gains(self) -> np.ndarray:
+        """(S,) mean memory gain per segment (nats/token): loss without minus with memory."""
+        with_memory, without_memory = self.segment_losses()
+        return without_memory - with_memory
+
+    def token_types_helped_most(self, top: int = 20, min_count: int = 2) -> List[TokenTypeGain]:
+        """The token types whose summed memory gain over the document is largest."""
+        scored = np.isfinite(self.memory_gain)
+        return gains_by_token_type(self.token_ids[scored].tolist(), self.memory_gain[scored].tolist(), top, min_count)
 
     def segment_losses(self) -> tuple:
         """Mean loss per segment: (with memory (S,), without memory (S,))."""
@@ -98,6 +125,13 @@ class MemoryEntry:
     left_context: str
     right_context: str  # starts with the token that followed it (what a copy would predict; with
     # --memory-shift-keys the entry was matched on the token before it and proposes `token` itself)
+    holds_token: bool  # the retrieved token is the clicked token (the one its query predicts)
+
+
+@dataclass
+class Prediction:
+    token: str
+    probability: float
 
 
 @dataclass
@@ -107,7 +141,18 @@ class TokenDetails:
     loss_with_memory: float
     loss_without_memory: float
     entries: List[MemoryEntry] = field(default_factory=list)
-    gates: List[float] = field(default_factory=list)  # per head: share of output from memory
+    memory_share: float = 0.0  # share of the layer's output that came from memory for this token
+    predictions_with_memory: List[Prediction] = field(default_factory=list)
+    predictions_without_memory: List[Prediction] = field(default_factory=list)
+
+    @property
+    def probability_with_memory(self) -> float:
+        """The model's probability of this token, reading its memory."""
+        return float(np.exp(-self.loss_with_memory))
+
+    @property
+    def probability_without_memory(self) -> float:
+        return float(np.exp(-self.loss_without_memory))
 
 
 def check_document(token_ids: Sequence[int], max_tokens: int = MAX_DOCUMENT_TOKENS) -> None:
@@ -121,10 +166,13 @@ def check_document(token_ids: Sequence[int], max_tokens: int = MAX_DOCUMENT_TOKE
         )
 
 
-def _token_losses(model, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(1, T, V) logits and (1, T) targets -> (T,) negative log-likelihoods in nats."""
-    log_probs = model.get_normalized_probs((logits, None), log_probs=True).float()
-    return -log_probs[0].gather(-1, target[0].unsqueeze(-1)).squeeze(-1)
+def _losses_and_predictions(model, logits: torch.Tensor, target: torch.Tensor):
+    """(1, T, V) logits and (1, T) targets -> (T,) negative log-likelihoods in nats,
+    and the (T, P) most probable tokens with their (T, P) probabilities."""
+    log_probs = model.get_normalized_probs((logits, None), log_probs=True).float()[0]
+    losses = -log_probs.gather(-1, target[0].unsqueeze(-1)).squeeze(-1)
+    top = log_probs.topk(TOP_PREDICTIONS, dim=-1)
+    return losses.cpu().numpy(), top.indices.int().cpu().numpy(), top.values.exp().half().cpu().numpy()
 
 
 def _store_retrievals(record, knn_k: int, first_token: int, arrays) -> None:
@@ -156,14 +204,17 @@ def build_report(
     layer: Optional[int] = None,
     lock: Optional[threading.Lock] = None,
     progress: Optional[ProgressCallback] = None,
+    should_stop: Optional[Callable[[], bool]] = None,
     max_tokens: int = MAX_DOCUMENT_TOKENS,
 ) -> DocumentReport:
     """Read ``token_ids`` (N,) through ``model`` with and without memory.
 
     ``layer``: the memory layer to report (default: the first one). ``lock``
     serialises forward passes when several sessions share ``model``; it is
-    taken per segment, so concurrent sessions take turns. ``progress(done,
-    total, what)`` is called after every segment.
+    taken per segment, so concurrent sessions take turns. Each segment is read
+    with memory, then without; ``progress(done, total)`` is called after each
+    of the document's ``total`` segments, and ``should_stop()``, when it returns
+    True before a segment, stops the read with :class:`ReadCancelled`.
     """
     check_document(token_ids, max_tokens)
     if segment_length < 1:
@@ -181,77 +232,84 @@ def build_report(
     num_tokens = tokens.numel()
     starts = list(range(0, num_tokens - 1, segment_length))
 
-    loss_with = np.full(num_tokens, np.nan, dtype=np.float32)
-    loss_without = np.full(num_tokens, np.nan, dtype=np.float32)
+    loss = {run: np.full(num_tokens, np.nan, dtype=np.float32) for run in ("memory", "no memory")}
+    predictions = {run: np.zeros((num_tokens, TOP_PREDICTIONS), dtype=np.int32) for run in loss}
+    prediction_probs = {run: np.zeros((num_tokens, TOP_PREDICTIONS), dtype=np.float16) for run in loss}
     positions = np.full((num_tokens, knn_k), -1, dtype=np.int32)
     # compact storage: a long document's report must fit several sessions in RAM
     scores = np.full((num_tokens, knn_k), np.nan, dtype=np.float16)
     weights = np.zeros((num_tokens, knn_k), dtype=np.float16)
     head_bits = np.zeros((num_tokens, knn_k), dtype=np.int32 if heads <= 31 else np.int64)
-    gates = np.zeros((num_tokens, heads), dtype=np.float32)
+    memory_share = np.zeros(num_tokens, dtype=np.float32)
 
     model.eval()
     banks: Dict[str, MemoryBank] = {  # this report's own: the model's bank stays untouched
         "memory": model.memory_bank.resized(memory_size),
         "no memory": model.memory_bank.resized(0),
     }
-    total = 2 * len(starts)
-    for run, (name, bank) in enumerate(banks.items()):
-        for index, start in enumerate(starts):
-            source = tokens[start : start + segment_length].unsqueeze(0).to(device)
-            target = tokens[start + 1 : start + segment_length + 1].unsqueeze(0).to(device)
-            source = source[:, : target.size(1)]  # the last segment stops at the last prediction
-            doc_start = torch.tensor([index == 0], device=device)
+    for index, start in enumerate(starts):
+        if should_stop is not None and should_stop():
+            raise ReadCancelled(f"stopped after {index} of {len(starts)} segments")
+        source = tokens[start : start + segment_length].unsqueeze(0).to(device)
+        target = tokens[start + 1 : start + segment_length + 1].unsqueeze(0).to(device)
+        source = source[:, : target.size(1)]  # the last segment stops at the last prediction
+        doc_start = torch.tensor([index == 0], device=device)
+        predicted = slice(start + 1, start + 1 + source.size(1))  # query at t predicts token t + 1
+        for run, bank in banks.items():
             with lock:  # the model's layers are bound to one bank at a time; sessions share the model
-                logits, extra = model(source, doc_start=doc_start, stream_id=f"{stream_id}/{name}",
-                                      memory_bank=bank, knn_k=knn_k, record_retrievals=name == "memory")
+                logits, extra = model(source, doc_start=doc_start, stream_id=f"{stream_id}/{run}",
+                                      memory_bank=bank, knn_k=knn_k, record_retrievals=run == "memory")
+            loss[run][predicted], predictions[run][predicted], prediction_probs[run][predicted] = (
+                _losses_and_predictions(model, logits, target))
             record = extra.get("retrievals", {}).get(layer)
-            seq_len = source.size(1)
-            predicted = slice(start + 1, start + 1 + seq_len)  # query at t predicts token t + 1
-            losses = _token_losses(model, logits, target).cpu().numpy()
-            if name == "memory":
-                loss_with[predicted] = losses
-                if record is not None:
-                    _store_retrievals(record, knn_k, start + 1, (positions, scores, weights, head_bits))
-                    gates[predicted] = record.gate[0].t().float().cpu().numpy()
-            else:
-                loss_without[predicted] = losses
-            if progress is not None:
-                progress(run * len(starts) + index + 1, total, f"reading {name}")
+            if run == "memory" and record is not None:
+                _store_retrievals(record, knn_k, start + 1, (positions, scores, weights, head_bits))
+                memory_share[predicted] = record.memory_share[0].float().mean(0).cpu().numpy()
+        if progress is not None:
+            progress(index + 1, len(starts))
     return DocumentReport(
         token_ids=tokens.numpy(),
-        loss_with_memory=loss_with,
-        loss_without_memory=loss_without,
+        loss_with_memory=loss["memory"],
+        loss_without_memory=loss["no memory"],
         entry_positions=positions,
         entry_scores=scores,
         entry_weights=weights,
         entry_heads=head_bits,
-        gates=gates,
+        memory_share=memory_share,
+        predictions_with_memory=predictions["memory"],
+        prediction_probs_with_memory=prediction_probs["memory"],
+        predictions_without_memory=predictions["no memory"],
+        prediction_probs_without_memory=prediction_probs["no memory"],
+        head_gates=attention.gate_values().detach().float().cpu().numpy(),
         segment_starts=np.array(starts, dtype=np.int64),
         layer=layer,
         memory_size=memory_size,
         knn_k=knn_k,
+        shift_keys=bool(model.memory_bank.shift_keys),
         stream_id=stream_id,
     )
 
 
 def token_details(
-    report: DocumentReport, index: int, token_texts: Sequence[str], context: int = 5
+    report: DocumentReport, index: int, token_texts: Sequence[str], context: int = 5,
+    token_text: Optional[Callable[[int], str]] = None,
 ) -> TokenDetails:
     """What the memory gave token ``index``: its entries with ``context`` tokens
-    either side (``token_texts``: the display text of every token, (N,)) and
-    the per-head gates."""
+    either side (``token_texts``: the display text of every token, (N,)), and
+    what the model predicted for it with and without memory (``token_text``:
+    the display text of a token id; default: the id)."""
     if not 0 <= index < report.num_tokens:
         raise MemtrmUserError(f"token {index} is outside the document (0..{report.num_tokens - 1})")
+    token_text = token_text or str
 
     def text(lo: int, hi: int) -> str:
         return "".join(token_texts[max(lo, 0) : min(hi, report.num_tokens)])
 
+    row = report.entry_positions[index]
+    holds = entries_hold_token(report.token_ids, row, report.token_ids[index])
     entries = []
-    for slot in range(report.entry_positions.shape[1]):
-        position = int(report.entry_positions[index, slot])
-        if position < 0:
-            continue
+    for slot in np.flatnonzero(row >= 0):
+        position = int(row[slot])
         bits = int(report.entry_heads[index, slot])
         entries.append(
             MemoryEntry(
@@ -259,17 +317,27 @@ def token_details(
                 distance=(index - 1) - position,
                 score=float(report.entry_scores[index, slot]),
                 weight=float(report.entry_weights[index, slot]),
-                heads=[h for h in range(report.gates.shape[1]) if bits >> h & 1],
+                heads=[h for h in range(len(report.head_gates)) if bits >> h & 1],
                 token=text(position, position + 1),
                 left_context=text(position - context, position),
                 right_context=text(position + 1, position + 1 + context),
+                holds_token=bool(holds[slot]),
             )
         )
+
+    def predictions(ids, probs):
+        if index == 0:  # nothing predicts the first token
+            return []
+        return [Prediction(token_text(int(i)), float(p)) for i, p in zip(ids[index], probs[index])]
+
     return TokenDetails(
         index=index,
         token=text(index, index + 1),
         loss_with_memory=float(report.loss_with_memory[index]),
         loss_without_memory=float(report.loss_without_memory[index]),
         entries=entries,
-        gates=[float(g) for g in report.gates[index]],
+        memory_share=float(report.memory_share[index]),
+        predictions_with_memory=predictions(report.predictions_with_memory, report.prediction_probs_with_memory),
+        predictions_without_memory=predictions(report.predictions_without_memory,
+                                               report.prediction_probs_without_memory),
     )

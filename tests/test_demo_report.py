@@ -15,12 +15,12 @@ from fairseq import options, tasks
 from fairseq.data import Dictionary
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
-from demo.app import (DemoApp, gain_colour, list_samples, looks_like_code, max_upload_bytes, parse_checkpoint_args,
-                      read_text_file)
+from demo.app import DemoApp, list_samples, looks_like_code, max_upload_bytes, parse_checkpoint_args, read_text_file
 from demo.checkpoint import DEMO_CHECKPOINT, DEMO_CHECKPOINTS, load_demo_model
 from demo.checks import FAR_CALLS, far_call_retrievals, name_pieces_last_seen_far_back, name_recall
 from demo.checks import main as checks_main
-from demo.report import build_report, check_document, token_details
+from demo.report import ReadCancelled, build_report, check_document, token_details
+from demo.views import gain_colour
 from fairseq_memtrm.errors import MemtrmUserError
 
 PLUGIN = str(Path(__file__).resolve().parents[1] / "fairseq_memtrm")
@@ -116,7 +116,7 @@ def test_scores_and_positions_equal_brute_force_cosine(same_token_model):
         assert all(sum(h in e.heads for e in details.entries) <= 3 for h in range(HEADS))
         weights = [e.weight for e in details.entries]
         assert weights == sorted(weights, reverse=True)
-        assert sum(weights) <= np.mean(details.gates) + 1e-3
+        assert sum(weights) <= np.mean(report.head_gates) + 1e-3
 
 
 def test_losses_first_segment_and_memory_off(same_token_model):
@@ -126,7 +126,7 @@ def test_losses_first_segment_and_memory_off(same_token_model):
     # nothing predicts token 0; the first segment has an empty memory: no gain, no entries
     assert np.isnan(report.loss_with_memory[0]) and np.isnan(report.loss_without_memory[0])
     np.testing.assert_allclose(report.loss_with_memory[1:65], report.loss_without_memory[1:65], atol=1e-5)
-    assert (report.entry_positions[:65] == -1).all() and (report.gates[:65] == 0).all()
+    assert (report.entry_positions[:65] == -1).all() and (report.memory_share[:65] == 0).all()
     assert (report.entry_positions[65:, 0] >= 0).all()
     # without memory = the plain decoder, segment by segment
     for start in (0, 64, 320):
@@ -172,6 +172,66 @@ def test_concurrent_sessions_never_share_memory(same_token_model):
     for solo, shared in zip(alone, together):
         np.testing.assert_array_equal(solo.entry_positions, shared.entry_positions)
         np.testing.assert_allclose(solo.loss_with_memory, shared.loss_with_memory, atol=1e-6)
+
+
+def test_predictions_and_entries_that_hold_the_token(same_token_model):
+    """Per token: the top predictions with and without memory (without = the plain decoder's),
+    the true token's probability = exp(-loss), and an entry is marked exactly where its token
+    is the clicked one."""
+    model, dictionary = same_token_model
+    tokens = planted_document(dictionary, seed=4)
+    report = report_for(model, tokens)
+    source = torch.as_tensor(tokens[128:192]).unsqueeze(0)
+    with torch.no_grad():
+        plain = model.get_normalized_probs(model.decoder(source), log_probs=False)[0]  # (T, V)
+    for index in (130, 150, 191):
+        details = token_details(report, index, texts_of(report))
+        expected = plain[index - 129].topk(5)
+        assert [p.token for p in details.predictions_without_memory] == [str(i) for i in expected.indices.tolist()]
+        np.testing.assert_allclose([p.probability for p in details.predictions_without_memory],
+                                   expected.values.numpy(), atol=2e-3)  # stored as fp16
+        with_memory = [p.probability for p in details.predictions_with_memory]
+        assert with_memory == sorted(with_memory, reverse=True) and sum(with_memory) <= 1 + 1e-3
+        assert details.probability_with_memory == pytest.approx(np.exp(-report.loss_with_memory[index]))
+    marked = 0
+    for index in range(65, len(tokens)):
+        for entry in token_details(report, index, texts_of(report)).entries:
+            assert entry.holds_token == (tokens[entry.position] == tokens[index])
+            marked += entry.holds_token
+    assert marked > 0  # the filler repeats: some entries hold the token to predict
+    assert token_details(report, 0, texts_of(report)).predictions_with_memory == []
+
+
+def test_memory_share_follows_the_gate(same_token_model):
+    """The share of the layer's output from memory: 0 in the first segment, between 0 and 1 after,
+    0 with a closed gate and 1 with a fully open one (the gate is a constant per head, the share not)."""
+    model, dictionary = same_token_model
+    tokens = planted_document(dictionary, seed=5)
+    share = report_for(model, tokens).memory_share
+    assert (share[:65] == 0).all() and ((share[65:] > 0) & (share[65:] < 1)).all() and share[65:].std() > 0
+    attention = model.memory_attentions()[0]
+    saved = attention.memory_gate.detach().clone()
+    try:
+        for logit, expected in ((-40.0, 0.0), (40.0, 1.0)):
+            with torch.no_grad():
+                attention.memory_gate.fill_(logit / attention.memory_param_gain)
+            report = report_for(model, tokens)
+            np.testing.assert_allclose(report.memory_share[65:], expected, atol=1e-5)
+            np.testing.assert_allclose(report.head_gates, expected, atol=1e-5)
+    finally:
+        with torch.no_grad():
+            attention.memory_gate.copy_(saved)
+
+
+def test_progress_counts_the_documents_segments_once_and_a_read_stops(same_token_model):
+    model, dictionary = same_token_model
+    tokens = planted_document(dictionary)  # 400 tokens: 7 segments of 64
+    calls = []
+    report_for(model, tokens, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(done, 7) for done in range(1, 8)]
+    asked = []
+    with pytest.raises(ReadCancelled, match="after 3 of 7 segments"):
+        report_for(model, tokens, should_stop=lambda: asked.append(1) or len(asked) > 3)
 
 
 def test_bad_documents_get_clear_errors(tmp_path):
@@ -240,13 +300,14 @@ def test_the_document_is_what_was_touched_last_with_the_model_it_suits():
 
 def test_a_text_of_one_segment_says_why_nothing_was_retrieved():
     app = DemoApp({"code": load_demo_model(DEMO_CHECKPOINT, cpu=True, segment_length=64)}, {}, max_tokens=2000)
-    status, view, _, loss_plot, distance_plot, session = app.run(
+    status, _, view, _, gain_chart, distance_plot, links, session = app.run(
         "code", "Paste", None, "x = 1\ny = 2\n", None, 1024, 8, {}, None, progress=lambda *a, **k: None)
     assert "The memory starts after the first segment** (64 tokens)" in status
-    assert loss_plot["visible"] is False and distance_plot["visible"] is False
-    status, *_, loss_plot, distance_plot, session = app.run(
+    assert gain_chart["visible"] is False and distance_plot["visible"] is False and links == ""
+    status, _, view, _, gain_chart, distance_plot, links, session = app.run(
         "code", "Paste", None, "x = 1\ny = 2\n" * 40, None, 1024, 8, {}, None, progress=lambda *a, **k: None)
-    assert "memory starts after" not in status and loss_plot["visible"] is True
+    assert "memory starts after" not in status and gain_chart["visible"] is True and distance_plot["visible"]
+    assert 'data-segment="1"' in gain_chart["value"] and 'class="type-link"' in links
 
 
 def test_a_checkpoint_folders_own_tokenizer_comes_first(tmp_path):
@@ -280,7 +341,7 @@ def test_committed_demo_model_loads_encodes_and_reads():
     assert (report.entry_positions[:129] == -1).all() and (report.entry_positions[129:, 0] >= 0).all()
     details = token_details(report, len(token_ids) - 1, demo.token_texts(token_ids))
     assert 1 <= len(details.entries) <= 8 and all(0 <= e.distance < len(token_ids) for e in details.entries)
-    assert all(0 < g < 1 for g in details.gates)
+    assert all(0 < g < 1 for g in report.head_gates) and 0 < details.memory_share < 1
 
 
 def test_upload_limit_follows_the_token_limit():
@@ -307,19 +368,20 @@ def test_app_shows_bad_input_as_a_message(tmp_path):
     status, *_, session = app.run("books", "Paste", None, "x = 1\n", None, 1024, 8, {}, None, progress=no_progress)
     assert status.startswith("**Error:**") and "choose a model: code" in status
     for message, (source, sample, pasted, upload) in cases.items():
-        status, view, *_, session = app.run("code", source, sample, pasted, upload, 1024, 8, {}, None,
-                                            progress=no_progress)
+        status, _, view, *_, session = app.run("code", source, sample, pasted, upload, 1024, 8, {}, None,
+                                               progress=no_progress)
         assert status.startswith("**Error:**") and message in status, status
         assert "report" not in session
     long_sample = tmp_path / "long.py"
     long_sample.write_text("x = 1\n" * 100, encoding="utf-8")
     app.samples = {"samples: long.py": str(long_sample)}  # a sample over the limit: its first 200 tokens
-    status, view, *_, session = app.run("code", "Sample", "samples: long.py", "", None, 1024, 8, {}, None,
-                                        progress=no_progress)
+    status, _, view, *_, session = app.run("code", "Sample", "samples: long.py", "", None, 1024, 8, {}, None,
+                                           progress=no_progress)
     assert "Read **200 tokens** (the sample's first 200 tokens: the demo's limit)" in status
     assert session["report"].num_tokens == 200
     text = "x = 1\n" * 20
-    status, view, *_, session = app.run("code", "Paste", None, text, None, 1024, 8, {}, None, progress=no_progress)
+    status, _, view, *_, session = app.run("code", "Paste", None, text, None, 1024, 8, {}, None,
+                                           progress=no_progress)
     num_tokens = len(app.models["code"].encode(text))
     assert status.startswith(f"Read **{num_tokens} tokens** with the `code` model")
     assert view.count('class="tok"') == num_tokens

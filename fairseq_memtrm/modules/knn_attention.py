@@ -71,6 +71,10 @@ class RetrievalRecord:
     retrieval: Retrieval  # (B, H, T, k) positions, scores, mask
     memory_probs: Tensor  # (B, H, T, k) attention weight of each retrieved entry
     gate: Tensor  # (B, H, T) effective gate: sigmoid(b_h), 0 where nothing was found
+    # (B, H, T) how much of each head's output came from memory for this token: the gate is a
+    # constant per head, the two outputs it mixes are not, so the share is by size,
+    # g |memory_out| / (g |memory_out| + (1 - g) |local_out|); 0 where nothing was found
+    memory_share: Tensor
 
 
 @dataclass
@@ -223,7 +227,10 @@ class KNNAugmentedAttention(MultiheadAttention):
         if binding.write:
             memory.add(k_unit, v, binding.token_mask)  # after retrieval: never retrieve yourself
         if binding.record_retrievals:
-            binding.record = RetrievalRecord(retrieval, memory_probs.detach(), gate.detach())
+            from_memory = gate * memory_out.detach().norm(dim=-1)
+            from_local = (1 - gate) * local_out.detach().norm(dim=-1)
+            share = from_memory / (from_memory + from_local).clamp(min=1e-12)
+            binding.record = RetrievalRecord(retrieval, memory_probs.detach(), gate.detach(), share)
 
         out = self.out_proj(mixed.permute(2, 0, 1, 3).reshape(seq_len, bsz, embed_dim))
         weights = None
