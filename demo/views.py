@@ -117,7 +117,6 @@ def distance_histogram(report: DocumentReport):
     axis.set_xscale("log")
     axis.set_xlabel("distance (tokens back, log scale)")
     axis.set_ylabel("share of attention weight\nper decade of distance")
-    axis.set_title("Retrieval distances (weighted, per log-bin width)")
     figure.tight_layout()
     plt.close(figure)
     return figure
