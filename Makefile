@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 FAIRSEQ := fairseq-fixed==0.12.3.1
 
-.PHONY: install test demo demo-model clean
+.PHONY: install test demo demo-cache demo-model clean
 
 install: $(STAMP)
 
@@ -46,6 +46,12 @@ $(BOOKS_MODEL): | $(STAMP)
 demo: $(STAMP) $(CODE_MODEL) $(BOOKS_MODEL)
 	$(BIN)/python demo/app.py --checkpoint code=$(CODE_MODEL) --checkpoint books=$(BOOKS_MODEL) \
 		--port 7860 $(DEMO_ARGS)
+
+# Reads every sample once with the default settings into ~/.cache/fairseq_memtrm/demo, so that a
+# sample opens at once in `make demo` (the first one as the page loads); long on 2 cores for novels.
+demo-cache: $(STAMP) $(CODE_MODEL) $(BOOKS_MODEL)
+	$(BIN)/python demo/app.py --checkpoint code=$(CODE_MODEL) --checkpoint books=$(BOOKS_MODEL) \
+		$(DEMO_ARGS) --precompute
 
 demo-model: $(STAMP)
 	$(BIN)/python scripts/make_demo_model.py --corpus code --force
