@@ -185,7 +185,8 @@ def test_two_sessions_see_their_own_retrievals(app_url):
                     # the context is text of this session's own document
                     squeezed = "".join(document_text.split())
                     assert "".join(context.split()) in squeezed, cells
-                expect(page.locator("#gate-table")).to_contain_text("to memory")
+                expect(page.locator("#gates")).to_contain_text("Learned per-head gates")  # once, not per token
+                expect(page.locator("#token-header")).to_contain_text("came from memory")
                 page.screenshot(path=str(ARTIFACTS / f"demo_{word}.png"), full_page=True)
             # empty input: a message in the page, not a traceback
             page = pages[WORDS[0]]
