@@ -124,7 +124,21 @@ keep_vocabulary() {
     done
 }
 
-# The start shared by finetune_memory.sh and finetune_longmem.sh: the vocabulary of the
+# The arguments of every fine-tuning script (finetune_memory.sh, finetune_longmem.sh,
+# finetune_gptm.sh): DATA_BIN FROM_CKPT SAVE_DIR [extra fairseq-train args] -> DATA, FROM,
+# SAVE and the array EXTRA_ARGS; exit 2 when FROM_CKPT is missing.
+#   finetune_arguments "$@"
+finetune_arguments() {
+    local usage="usage: $(basename "$0") DATA_BIN FROM_CKPT SAVE_DIR [fairseq args]"
+    DATA=${1:?$usage}
+    FROM=${2:?$usage}
+    SAVE=${3:?$usage}
+    shift 3
+    EXTRA_ARGS=("$@")
+    [ -f "$FROM" ] || { echo "$(basename "$0"): no checkpoint $FROM; run scripts/train_vanilla.sh first" >&2; exit 2; }
+}
+
+# The start shared by the fine-tuning scripts: the vocabulary of the
 # checkpoint fine-tuned from and of SAVE_DIR, the lock on SAVE_DIR, a readable FROM_CKPT,
 # the options, and nothing to do when SAVE_DIR is already trained.
 #   start_finetune DATA_BIN FROM_CKPT SAVE_DIR [FLAG: how fairseq-train is given FROM_CKPT, --finetune-from-model]

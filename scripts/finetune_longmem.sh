@@ -12,13 +12,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
-DATA=${1:?usage: finetune_longmem.sh DATA_BIN BACKBONE_CKPT SAVE_DIR [fairseq args]}
-BACKBONE=${2:?usage: finetune_longmem.sh DATA_BIN BACKBONE_CKPT SAVE_DIR [fairseq args]}
-SAVE=${3:?usage: finetune_longmem.sh DATA_BIN BACKBONE_CKPT SAVE_DIR [fairseq args]}
-shift 3
-[ -f "$BACKBONE" ] || { echo "finetune_longmem.sh: no checkpoint $BACKBONE; run scripts/train_vanilla.sh first" >&2; exit 2; }
-start_finetune "$DATA" "$BACKBONE" "$SAVE" --backbone-checkpoint
+finetune_arguments "$@"
+start_finetune "$DATA" "$FROM" "$SAVE" --backbone-checkpoint
 exec "$BIN/fairseq-train" "$DATA" --user-dir fairseq_memtrm --task document_lm \
-    --arch longmem_sidenet_lm --backbone-checkpoint "$BACKBONE" --side-layers "${SIDE_LAYERS:-0}" --dropout "$DROPOUT" \
+    --arch longmem_sidenet_lm --backbone-checkpoint "$FROM" --side-layers "${SIDE_LAYERS:-0}" --dropout "$DROPOUT" \
     --memory-size "${MEMORY_SIZE:-65536}" --knn-k "${KNN_K:-32}" --memory-chunk-size "${CHUNK_SIZE:-1}" \
-    "${FINETUNE_OPTIONS[@]}" "$@"
+    "${FINETUNE_OPTIONS[@]}" "${EXTRA_ARGS[@]}"

@@ -9,14 +9,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
-DATA=${1:?usage: finetune_memory.sh DATA_BIN VANILLA_CKPT SAVE_DIR [fairseq args]}
-VANILLA=${2:?usage: finetune_memory.sh DATA_BIN VANILLA_CKPT SAVE_DIR [fairseq args]}
-SAVE=${3:?usage: finetune_memory.sh DATA_BIN VANILLA_CKPT SAVE_DIR [fairseq args]}
-shift 3
-[ -f "$VANILLA" ] || { echo "finetune_memory.sh: no checkpoint $VANILLA; run scripts/train_vanilla.sh first" >&2; exit 2; }
-start_finetune "$DATA" "$VANILLA" "$SAVE"
+finetune_arguments "$@"
+start_finetune "$DATA" "$FROM" "$SAVE"
 exec "$BIN/fairseq-train" "$DATA" --user-dir fairseq_memtrm --task document_lm \
     --arch memorizing_transformer_lm "${SHAPE[@]}" --dropout "$DROPOUT" \
     --memory-size "${MEMORY_SIZE:-65536}" --knn-k "${KNN_K:-32}" \
-    --finetune-from-model "$VANILLA" \
-    "${FINETUNE_OPTIONS[@]}" "$@"
+    --finetune-from-model "$FROM" \
+    "${FINETUNE_OPTIONS[@]}" "${EXTRA_ARGS[@]}"

@@ -132,8 +132,8 @@ class MatrixMemoryBank(StreamSetBank):
         return self.slots
 
     def bytes_per_stream(self) -> int:
-        """The matrix, and its copy at the start of the BPTT window (fp32)."""
-        return self.slots * self.dim * 4 * (2 if self.bptt_segments > 0 else 1)
+        """The matrix (fp32). Training with BPTT holds one more: the matrix before the window."""
+        return self.slots * self.dim * 4
 
     def _build_stream_set(self, num_streams: int, device: torch.device) -> Dict[int, MatrixMemory]:
         return {0: MatrixMemory(num_streams, self.slots, self.dim, device)}

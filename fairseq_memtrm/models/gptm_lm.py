@@ -37,7 +37,6 @@ from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer_lm import (
     TransformerLanguageModel,
     TransformerLanguageModelConfig,
-    base_lm_architecture,
 )
 from torch import Tensor, nn
 
@@ -242,15 +241,18 @@ class GPTmLanguageModel(MemoryModel, TransformerLanguageModel):
 
 
 def gptm_defaults(args):
-    """Defaults of the flags of gptm_lm (the config's, written there once)."""
-    base_lm_architecture(args)
+    """Defaults of the flags of gptm_lm (the config's, written there once); the rest of
+    the decoder is ``transformer_lm``'s own (post-norm), as the project's vanilla."""
+    args.decoder_input_dim = getattr(args, "decoder_input_dim", args.decoder_embed_dim)
+    args.decoder_output_dim = getattr(args, "decoder_output_dim", args.decoder_embed_dim)
     fill_defaults(args, GPTmConfig)
 
 
 @register_model_architecture("gptm_lm", "gptm_lm_small")
 def gptm_lm_small(args):
-    """6 x 256, 4 heads: the shape of the project's vanilla (scripts/common.sh)."""
+    """6 x 256, 4 heads, tied input/output embeddings: the project's vanilla (SHAPE in scripts/common.sh)."""
     decoder_shape(args, layers=6, embed_dim=256, ffn_embed_dim=1024, heads=4)
+    args.share_decoder_input_output_embed = getattr(args, "share_decoder_input_output_embed", True)
     gptm_defaults(args)
 
 
