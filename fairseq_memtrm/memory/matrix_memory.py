@@ -45,13 +45,18 @@ def count_sketch(sketch_size: int, slots: int, seed: int = 0) -> Tensor:
     return sketch
 
 
-def matrix_write(matrix: Tensor, summary: Tensor, addresses: Optional[Tensor] = None, decay: float = 1.0) -> Tensor:
-    """``matrix`` (B, m, f), ``summary`` c (B, f), ``addresses`` A (m, f) or None ->
-    the new matrix ``decay * M + sigmoid(0.5 (M + A) c) c^T`` (B, m, f), differentiable."""
+def write_strength(matrix: Tensor, summary: Tensor, addresses: Optional[Tensor] = None) -> Tensor:
+    """(B, m) sigmoid(0.5 v), v = (M + A) c: how much of ``summary`` each slot takes."""
     match = torch.einsum("bmf,bf->bm", matrix, summary)
     if addresses is not None:
         match = match + summary @ addresses.t()
-    strength = torch.sigmoid(0.5 * match)  # (B, m): slots that match strengthen, the others barely change
+    return torch.sigmoid(0.5 * match)  # slots that match strengthen, the others barely change
+
+
+def matrix_write(matrix: Tensor, summary: Tensor, addresses: Optional[Tensor] = None, decay: float = 1.0) -> Tensor:
+    """``matrix`` (B, m, f), ``summary`` c (B, f), ``addresses`` A (m, f) or None ->
+    the new matrix ``decay * M + sigmoid(0.5 (M + A) c) c^T`` (B, m, f), differentiable."""
+    strength = write_strength(matrix, summary, addresses)
     kept = matrix if decay == 1.0 else decay * matrix
     return kept + strength.unsqueeze(-1) * summary.unsqueeze(1)
 

@@ -215,8 +215,11 @@ class MemoryModel:
     """Mixin of a fairseq language model whose layers ``memory_layer_ids`` read a kNN memory.
 
     The model sets ``memory_bank`` and ``memory_layer_ids`` and returns those layers'
-    attentions from :meth:`memory_attentions`. Put it first among the bases, so that
-    its ``forward`` is the model's.
+    attentions from :meth:`memory_attentions` (each with ``gate_values()``, which the
+    evaluation scripts report). Put it first among the bases, so that its ``forward``
+    is the model's. A memory of another kind (``gptm_lm``: a matrix, not a kNN store)
+    overrides ``forward`` with the same arguments, and its bank extends
+    :class:`~fairseq_memtrm.memory.bank.StreamSetBank`.
     """
 
     memory_bank: MemoryBank
