@@ -49,7 +49,7 @@ import torch
 
 from fairseq import utils  # noqa: E402
 
-from fairseq_memtrm.errors import MemtrmUserError  # noqa: E402
+from fairseq_memtrm.errors import run_script  # noqa: E402
 from fairseq_memtrm.diagnostics import planted_documents  # noqa: E402
 from fairseq_memtrm.evaluation import add_probe_arguments, gate_values, load, save_perplexity_plot, summarise  # noqa: E402
 from fairseq_memtrm.testtime import (CacheKNNLM, DynamicEvaluator, NeuralCache, StaticScorer, gradient_rms,  # noqa: E402
@@ -399,8 +399,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except MemtrmUserError as error:  # one sentence, exit 2 (a bad input)
-        print(f"eval_testtime.py: error: {error.message}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main, "eval_testtime.py")

@@ -29,7 +29,7 @@ from fairseq import options, tasks
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
 from fairseq_memtrm.data.document_streams import DocumentStreamDataset
-from fairseq_memtrm.errors import MemtrmUserError
+from fairseq_memtrm.errors import MemtrmUserError, run_script
 from fairseq_memtrm.evaluation import PACKAGE
 from fairseq_memtrm.recency import ORDERS, mean_loss, shuffled, train_and_measure, training_segments
 
@@ -183,8 +183,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except MemtrmUserError as error:
-        print(f"recency_benefit.py: error: {error.message}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main, "recency_benefit.py")
