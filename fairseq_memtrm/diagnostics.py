@@ -81,6 +81,20 @@ def plant_passage(document: torch.Tensor, passage: torch.Tensor, first_at: int, 
     return torch.cat([document[:first_at], passage, document[first_at : first_at + gap - length], passage])
 
 
+def planted_documents(dataset, dictionary, first_at: int, gap: int, length: int, seed: int = 1):
+    """(B, N) every document of ``dataset`` long enough for the planted-passage probe
+    (:func:`plant_passage`), each with its own random passage, the same for every
+    caller with the same ``seed``; None where no document is long enough."""
+    need = first_at + gap - length
+    generator = torch.Generator().manual_seed(seed)
+    planted = []
+    for doc in range(len(dataset)):
+        passage = torch.randint(dictionary.nspecial, len(dictionary), (length,), generator=generator)
+        if dataset.size(doc) >= need:
+            planted.append(plant_passage(dataset[doc], passage, first_at, gap))
+    return torch.stack(planted) if planted else None
+
+
 @torch.no_grad()
 def planted_passage_loss(model, documents: torch.Tensor, first_at: int, gap: int, length: int,
                          tokens_per_sample: int, stream_id: str = "planted") -> dict:
