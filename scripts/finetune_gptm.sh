@@ -6,15 +6,10 @@
 # continues from SAVE_DIR/checkpoint_last.pt.
 #
 #   scripts/finetune_gptm.sh DATA_BIN VANILLA_CKPT SAVE_DIR [extra fairseq-train args]
-#   env: GPTM_SLOTS (4096), SKETCH_SIZE (64), BPTT_SEGMENTS (1), MAX_UPDATE (400), LR (2e-4), DROPOUT (0)
+#   env: GPTM_SLOTS (4096), SKETCH_SIZE (64), BPTT_SEGMENTS (1), MAX_UPDATE (400), LR (5e-5, decaying to 0), DROPOUT (0)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
-finetune_arguments "$@"
-start_finetune "$DATA" "$FROM" "$SAVE"
-exec "$BIN/fairseq-train" "$DATA" --user-dir fairseq_memtrm --task document_lm \
-    --arch gptm_lm "${SHAPE[@]}" --dropout "$DROPOUT" \
+finetune --finetune-from-model --arch gptm_lm "${SHAPE[@]}" \
     --gptm-slots "${GPTM_SLOTS:-4096}" --gptm-sketch-size "${SKETCH_SIZE:-64}" \
-    --gptm-bptt-segments "${BPTT_SEGMENTS:-1}" \
-    --finetune-from-model "$FROM" \
-    "${FINETUNE_OPTIONS[@]}" "${EXTRA_ARGS[@]}"
+    --gptm-bptt-segments "${BPTT_SEGMENTS:-1}" -- "$@"

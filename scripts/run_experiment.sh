@@ -14,7 +14,12 @@
 #
 #   scripts/run_experiment.sh NAME TRAIN_DATA_BIN EVAL_DATA_BIN
 #   env: as train_vanilla.sh / finetune_memory.sh / finetune_gptm.sh, plus FINETUNE_UPDATES (400),
-#        TRAIN_MEMORY (65536), SWEEP_SIZES, SWEEP_SUBSET (test), EVAL_BATCH_SIZE (4), STEPS
+#        TRAIN_MEMORY (65536), SWEEP_SIZES, SWEEP_SUBSET (test), EVAL_BATCH_SIZE (4), STEPS,
+#        MEMORY_LAYERS (default: the vanilla's induction layer, below)
+# The kNN memory extends one layer's attention, so it can copy only through a layer
+# whose heads copy: unless MEMORY_LAYERS is given, the memory fine-tunes put it at the
+# vanilla's induction layer (the layer of its strongest induction head, measured by
+# copy_score.py --induction on TRAIN_DATA_BIN's valid split; docs/results.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
@@ -38,6 +43,15 @@ VANILLA=$CKPT/vanilla/checkpoint_last.pt
 FINETUNE=(env MAX_UPDATE="${FINETUNE_UPDATES:-400}" MEMORY_SIZE="${TRAIN_MEMORY:-65536}")
 
 step vanilla && timed vanilla scripts/train_vanilla.sh "$DATA" "$CKPT/vanilla"
+induction_layer() {
+    "$BIN/python" scripts/copy_score.py "$VANILLA" "$DATA" --induction 2>/dev/null |
+        "$BIN/python" -c 'import json, sys; print(json.load(sys.stdin)["induction_layer"])'
+}
+if [ -z "${MEMORY_LAYERS:-}" ] && { step memory || step copying-memory; }; then
+    MEMORY_LAYERS=$(induction_layer)
+    echo "run_experiment.sh: memory at layer $MEMORY_LAYERS, the vanilla's induction layer (set MEMORY_LAYERS to override)"
+fi
+export MEMORY_LAYERS
 step memory && timed memory "${FINETUNE[@]}" scripts/finetune_memory.sh "$DATA" "$VANILLA" "$CKPT/memory"
 step control && timed control "${FINETUNE[@]}" MEMORY_SIZE=0 scripts/finetune_memory.sh "$DATA" "$VANILLA" "$CKPT/control"
 step copying-memory && timed copying-memory "${FINETUNE[@]}" scripts/finetune_memory.sh "$DATA" "$VANILLA" \
