@@ -47,6 +47,45 @@ def in_context_score(model, segments: torch.Tensor, early: int = 50, late: int =
     return {"loss_at_early": early_loss, "loss_at_late": late_loss, "in_context_score": late_loss - early_loss}
 
 
+def induction_scores(model, passages: torch.Tensor) -> torch.Tensor:
+    """(layers, heads) mean attention weight that a token of the second copy of ``P P``
+    gives to the position just after its first occurrence (Olsson et al.'s induction
+    score): a head near 1 copies by looking up "what followed this token last time".
+    A kNN memory can copy only through a layer whose heads do that, since it extends
+    the same attention. ``passages``: (N, S); the model: a fairseq decoder whose layers
+    have ``self_attn`` with ``q_proj``/``k_proj`` (attention recomputed from them)."""
+    span = passages.size(1)
+    parameters = getattr(model, "parameters", None)
+    first = next(parameters(), None) if parameters is not None else None
+    tokens = torch.cat([passages, passages], dim=1).to(first.device if first is not None else "cpu")
+    layers = model.decoder.layers
+    scores, hooks = [None] * len(layers), []
+
+    def hook_for(index):
+        def hook(module, args, kwargs, output):
+            x = kwargs.get("query", args[0] if args else None)  # (T, B, C)
+            length, bsz, _ = x.shape
+            heads, dim = module.num_heads, module.head_dim
+            q = (module.q_proj(x) * module.scaling).view(length, bsz, heads, dim).permute(1, 2, 0, 3)
+            k = module.k_proj(x).view(length, bsz, heads, dim).permute(1, 2, 0, 3)
+            logits = q @ k.transpose(-1, -2)
+            causal = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
+            weights = logits.masked_fill(causal, float("-inf")).softmax(dim=-1)  # (B, H, T, T)
+            rows = torch.arange(span + 1, 2 * span, device=x.device)  # second-copy tokens after its first
+            scores[index] = weights[:, :, rows, rows - span + 1].mean(dim=(0, 2)).float().cpu()
+        return hook
+
+    for index, layer in enumerate(layers):
+        hooks.append(layer.self_attn.register_forward_hook(hook_for(index), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(tokens)
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return torch.stack(scores)
+
+
 def load_passages(data_bin: str, split: str, dictionary, count: int, span: int) -> torch.Tensor:
     """(count, span) passages spread evenly over the first tokens of a data-bin split."""
     from fairseq.data import data_utils
@@ -79,6 +118,20 @@ def plant_passage(document: torch.Tensor, passage: torch.Tensor, first_at: int, 
         raise MemtrmUserError(f"a document of {len(document)} tokens cannot hold a passage at {first_at} and "
                               f"{first_at + gap}")
     return torch.cat([document[:first_at], passage, document[first_at : first_at + gap - length], passage])
+
+
+def planted_documents(dataset, dictionary, first_at: int, gap: int, length: int, seed: int = 1):
+    """(B, N) every document of ``dataset`` long enough for the planted-passage probe
+    (:func:`plant_passage`), each with its own random passage, the same for every
+    caller with the same ``seed``; None where no document is long enough."""
+    need = first_at + gap - length
+    generator = torch.Generator().manual_seed(seed)
+    planted = []
+    for doc in range(len(dataset)):
+        passage = torch.randint(dictionary.nspecial, len(dictionary), (length,), generator=generator)
+        if dataset.size(doc) >= need:
+            planted.append(plant_passage(dataset[doc], passage, first_at, gap))
+    return torch.stack(planted) if planted else None
 
 
 @torch.no_grad()

@@ -27,3 +27,15 @@ class BadCheckpointFile(MemtrmUserError):
     """A file given as a checkpoint is empty, truncated, not a torch file or not a fairseq checkpoint."""
 
     exit_status = 2
+
+
+def run_script(main, prog: str, status: int = 2) -> None:
+    """Run a script's ``main()``; a :class:`MemtrmUserError` ends it with one line,
+    ``PROG: error: MESSAGE``, and exit ``status`` (2, a bad input, as argparse's)."""
+    import sys
+
+    try:
+        main()
+    except MemtrmUserError as error:
+        print(f"{prog}: error: {error.message}", file=sys.stderr)
+        sys.exit(status)

@@ -82,3 +82,12 @@ def save_perplexity_plot(fig, ax, report, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def add_probe_arguments(parser):
+    """The planted-passage probe's flags (:func:`fairseq_memtrm.diagnostics.planted_documents`)."""
+    parser.add_argument("--probe-gap", type=int, default=30000,
+                        help="planted-passage probe: a random passage at --probe-at of every document long enough, "
+                        "and again this many tokens later; the loss on each copy is reported (0: no probe)")
+    parser.add_argument("--probe-at", type=int, default=1000, help="where the probe's first copy starts")
+    parser.add_argument("--probe-length", type=int, default=40, help="the probe passage's length in tokens")

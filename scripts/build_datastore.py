@@ -20,7 +20,7 @@ import logging
 import sys
 from pathlib import Path
 
-from fairseq_memtrm.errors import MemtrmUserError  # noqa: E402
+from fairseq_memtrm.errors import run_script  # noqa: E402
 from fairseq_memtrm.evaluation import load  # noqa: E402
 from fairseq_memtrm.testtime.knn_lm import build_datastore  # noqa: E402
 
@@ -53,8 +53,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except MemtrmUserError as error:
-        print(f"build_datastore.py: error: {error.message}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main, "build_datastore.py")

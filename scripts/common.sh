@@ -15,18 +15,21 @@ if ! "$BIN/python" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available(
     CPU_FLAG=(--cpu)
 fi
 
-# The fine-tuning budget shared by finetune_memory.sh and finetune_longmem.sh, so
-# that the two compare at equal updates by construction: segments, optimizer,
-# schedule, checkpoints and logging. Fills the array FINETUNE_OPTIONS and sets
-# FINETUNE_MAX_UPDATE (its --max-update).
-# A fresh Adam starts with steps of ~lr on every weight at once: without the
-# warm-up, the first books run lost 10 ppl on the control and the memory model alike.
-#   finetune_options SAVE_DIR      env: LR (2e-4), WARMUP (100), MAX_UPDATE (400)
+# The fine-tuning budget shared by every fine-tuning script, so that the memory
+# models and the control compare at equal updates by construction: segments,
+# optimizer, schedule, checkpoints and logging. Fills the array FINETUNE_OPTIONS
+# and sets FINETUNE_MAX_UPDATE (its --max-update).
+# A fresh Adam starts with steps of ~lr on every weight at once, hence the warm-up;
+# the rate then decays linearly to 0. The streams read whole documents (4 books at
+# a time on books), so a high constant rate adapts the model to those few books:
+# docs/results.md measures both.
+#   finetune_options SAVE_DIR      env: LR (5e-5), WARMUP (100), MAX_UPDATE (400)
 finetune_options() {
     FINETUNE_MAX_UPDATE=${MAX_UPDATE:-400}
     FINETUNE_OPTIONS=(--tokens-per-sample "$TOKENS_PER_SAMPLE" --batch-size "$BATCH_SIZE"
-        --optimizer adam --adam-betas '(0.9, 0.98)' --clip-norm 1.0 --lr "${LR:-2e-4}"
-        --lr-scheduler fixed --warmup-updates "${WARMUP:-100}" --max-update "$FINETUNE_MAX_UPDATE"
+        --optimizer adam --adam-betas '(0.9, 0.98)' --clip-norm 1.0 --lr "${LR:-5e-5}"
+        --lr-scheduler polynomial_decay --total-num-update "$FINETUNE_MAX_UPDATE" --end-learning-rate 0
+        --warmup-updates "${WARMUP:-100}" --max-update "$FINETUNE_MAX_UPDATE"
         --seed "$SEED" --save-dir "$1" --no-epoch-checkpoints --save-interval-updates 100
         --keep-interval-updates 1 --disable-validation --log-format simple --log-interval 25
         "${CPU_FLAG[@]}")
@@ -124,7 +127,21 @@ keep_vocabulary() {
     done
 }
 
-# The start shared by finetune_memory.sh and finetune_longmem.sh: the vocabulary of the
+# The arguments of every fine-tuning script (finetune_memory.sh, finetune_longmem.sh,
+# finetune_gptm.sh): DATA_BIN FROM_CKPT SAVE_DIR [extra fairseq-train args] -> DATA, FROM,
+# SAVE and the array EXTRA_ARGS; exit 2 when FROM_CKPT is missing.
+#   finetune_arguments "$@"
+finetune_arguments() {
+    local usage="usage: $(basename "$0") DATA_BIN FROM_CKPT SAVE_DIR [fairseq args]"
+    DATA=${1:?$usage}
+    FROM=${2:?$usage}
+    SAVE=${3:?$usage}
+    shift 3
+    EXTRA_ARGS=("$@")
+    [ -f "$FROM" ] || { echo "$(basename "$0"): no checkpoint $FROM; run scripts/train_vanilla.sh first" >&2; exit 2; }
+}
+
+# The start shared by the fine-tuning scripts: the vocabulary of the
 # checkpoint fine-tuned from and of SAVE_DIR, the lock on SAVE_DIR, a readable FROM_CKPT,
 # the options, and nothing to do when SAVE_DIR is already trained.
 #   start_finetune DATA_BIN FROM_CKPT SAVE_DIR [FLAG: how fairseq-train is given FROM_CKPT, --finetune-from-model]
@@ -136,4 +153,20 @@ start_finetune() {
     finetune_options "$3"
     keep_vocabulary "$3" "$1"
     stop_if_trained "$3" "$FINETUNE_MAX_UPDATE"
+}
+
+# A whole fine-tuning script: its arguments (finetune_arguments), the checks and
+# options (start_finetune), then fairseq-train on --task document_lm with the
+# model's own arguments, the checkpoint given by FROM_FLAG, the shared budget and
+# the user's extra arguments (last, so they win).
+#   finetune FROM_FLAG MODEL_ARGS... -- "$@"
+finetune() {
+    local from_flag=$1 model=()
+    shift
+    while [ $# -gt 0 ] && [ "$1" != "--" ]; do model+=("$1"); shift; done
+    shift
+    finetune_arguments "$@"
+    start_finetune "$DATA" "$FROM" "$SAVE" "$from_flag"
+    exec "$BIN/fairseq-train" "$DATA" --user-dir fairseq_memtrm --task document_lm --dropout "$DROPOUT" \
+        "${model[@]}" "$from_flag" "$FROM" "${FINETUNE_OPTIONS[@]}" "${EXTRA_ARGS[@]}"
 }

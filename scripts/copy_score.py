@@ -20,7 +20,7 @@ import logging
 import os
 
 
-from fairseq_memtrm.diagnostics import copy_score, load_passages  # noqa: E402
+from fairseq_memtrm.diagnostics import copy_score, induction_scores, load_passages  # noqa: E402
 from fairseq_memtrm.errors import MemtrmUserError  # noqa: E402
 
 
@@ -31,6 +31,9 @@ def main():
     parser.add_argument("--split", default="valid")
     parser.add_argument("--span", type=int, default=200, help="passage length; 2 x span must fit the model's context")
     parser.add_argument("--count", type=int, default=16, help="passages")
+    parser.add_argument("--induction", action="store_true",
+                        help="also report every layer's and head's induction score (attention from a second-copy "
+                        "token to the position after its first occurrence): where the model copies")
     args = parser.parse_args()
     logging.disable(logging.INFO)
     for path in (args.checkpoint, os.path.join(args.data_bin, "dict.txt")):
@@ -45,8 +48,12 @@ def main():
     model = models[0].eval()
     passages = load_passages(args.data_bin, args.split, task.source_dictionary, args.count, args.span)
     result = copy_score(model, passages)
+    if args.induction:
+        scores = induction_scores(model, passages)
+        result["induction_scores"] = [[round(v, 4) for v in layer] for layer in scores.tolist()]
+        result["induction_layer"] = int(scores.max(dim=1).values.argmax())  # the layer of the strongest head
     print(json.dumps({"checkpoint": args.checkpoint, "span": args.span, "passages": args.count,
-                      **{k: round(v, 4) for k, v in result.items()}}))
+                      **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()}}))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ configuration and keeps every token's loss, so that it can also report
 * perplexity on tokens past position ``--far-position`` (8K) of their document,
   where memory matters most;
 * which token types gain most from memory (loss without minus with memory);
+* the memory each run holds per stream (MB), a ``gptm_lm`` checkpoint's included
+  (``--gptm-checkpoint``: run once, its memory is its matrix of --gptm-slots rows,
+  not a number of tokens), and the token types it gains most on against the
+  control (or the vanilla);
 * the per-head gate values sigmoid(b_h) of each memory layer, and retrieval
   statistics (top-1 similarity, distance back, and how often the best entry is
   the very token to predict), to tell whether the model uses its memory.
@@ -52,6 +56,7 @@ logger = logging.getLogger("eval_memory_sweep")
 
 # The runs that read a memory, swept over every --memory-sizes; the others run once.
 MEMORY_RUNS = ("paper-memory", "copying-memory", "longmem")
+GAIN_RUNS = ("gptm", "control", "vanilla")  # GPTm's per-token gains: against the control, else the vanilla
 LABELS = {"paper-memory": "memorizing fine-tune (paper's options)",
           "copying-memory": "memorizing fine-tune (copying options)", "longmem": "LongMem SideNet"}
 
@@ -230,15 +235,17 @@ def write_outputs(out, report):
     out.mkdir(parents=True, exist_ok=True)
     (out / "memory_sweep.json").write_text(json.dumps(report, indent=2))
     far = report["far_position"]
-    lines = [f"| run | eval memory | ppl | ppl past {far} | tokens | tok/s | gate (mean) | top-1 holds next |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"| run | eval memory | memory MB/stream | ppl | ppl past {far} | tokens | tok/s | gate (mean) | "
+             "top-1 holds next |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in report["runs"]:
         gates = [g for layer in row["gates"].values() for g in layer]
         gate = f"{np.mean(gates):.3f}" if gates else "-"
         past = f"{row['ppl_past_far_position']:.2f}" if row["ppl_past_far_position"] else "-"
         found = row.get("retrieval", {})
         holds = f"{found['top1_holds_next_token']:.1%}" if "top1_holds_next_token" in found else "-"
-        lines.append(f"| {row['name']} | {row['memory_size']} | {row['ppl']:.2f} | {past} | {row['tokens']} | "
+        size = f"{row['memory_size']} slots" if row["name"] == "gptm" else row["memory_size"]
+        lines.append(f"| {row['name']} | {size} | {row.get('memory_mb_per_stream', 0):.2f} | {row['ppl']:.2f} | {past} | "
+                     f"{row['tokens']} | "
                      f"{row['tokens_per_second']:.0f} | {gate} | {holds} |")
     ceiling = [r["retrieval"]["next_token_seen_before"] for r in report["runs"] if "next_token_seen_before" in r.get("retrieval", {})]
     if ceiling:
@@ -253,11 +260,12 @@ def write_outputs(out, report):
                   "| run | eval memory | first copy | second copy |", "|---|---:|---:|---:|"]
         lines += [f"| {r['name']} | {r['memory_size']} | {r['planted_passage']['first_copy_loss']:.3f} | "
                   f"{r['planted_passage']['second_copy_loss']:.3f} |" for r in probed]
-    if report.get("biggest_gains"):
-        lines += ["", f"Token types that gain most from memory ({report['gains_between']}):", "",
-                  "| token | count | total gain (nats) | mean gain |", "|---|---:|---:|---:|"]
-        lines += [f"| `{g['token']}` | {g['count']} | {g['total_gain_nats']} | {g['mean_gain_nats']} |"
-                  for g in report["biggest_gains"]]
+    for gains, between in (("biggest_gains", "gains_between"), ("gptm_gains", "gptm_gains_between")):
+        if report.get(gains):
+            lines += ["", f"Token types that gain most from memory ({report[between]}):", "",
+                      "| token | count | total gain (nats) | mean gain |", "|---|---:|---:|---:|"]
+            lines += [f"| `{g['token']}` | {g['count']} | {g['total_gain_nats']} | {g['mean_gain_nats']} |"
+                      for g in report[gains]]
     copy = report.get("vanilla_copy_score")
     if copy:
         lines += ["", f"Does the vanilla checkpoint copy from its context? {copy['passages']} passages of "
@@ -289,14 +297,16 @@ def write_outputs(out, report):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("data", help="data-bin folder (scripts/prepare_data.py)")
-    parser.add_argument("--memory-checkpoint", required=True,
-                        help="memorizing fine-tune with the paper's options (run 'paper-memory')")
+    parser.add_argument("--memory-checkpoint",
+                        help="memorizing fine-tune with the paper's options (run 'paper-memory'), at every --memory-sizes")
     parser.add_argument("--copying-memory-checkpoint",
                         help="memorizing fine-tune with --memory-query key --memory-shift-keys (run 'copying-memory')")
     parser.add_argument("--control-checkpoint", help="same updates without memory (memory size 0)")
     parser.add_argument("--vanilla-checkpoint", help="the transformer_lm checkpoint both started from")
     parser.add_argument("--longmem-checkpoint",
                         help="a longmem_sidenet_lm checkpoint (scripts/finetune_longmem.sh), run at every --memory-sizes")
+    parser.add_argument("--gptm-checkpoint",
+                        help="a gptm_lm checkpoint (scripts/finetune_gptm.sh), run once: its memory size is its slots")
     parser.add_argument("--longmem-backbone", help="its backbone checkpoint, if it moved since training")
     parser.add_argument("--memory-sizes", default="0,1536,8192,32768,65536,262144",
                         help="comma-separated evaluation memory sizes for the memory checkpoint")
@@ -322,16 +332,22 @@ def main(argv=None):
     except ValueError:
         raise MemtrmUserError(f"--memory-sizes expects comma-separated integers, got {args.memory_sizes!r}")
 
-    plan = [("paper-memory", args.memory_checkpoint, size) for size in sizes]
+    if not (args.memory_checkpoint or args.longmem_checkpoint or args.gptm_checkpoint):
+        raise MemtrmUserError("nothing with a memory to evaluate: give --memory-checkpoint, --longmem-checkpoint "
+                              "or --gptm-checkpoint")
+    plan = [("paper-memory", args.memory_checkpoint, size) for size in sizes if args.memory_checkpoint]
     if args.copying_memory_checkpoint:
         plan += [("copying-memory", args.copying_memory_checkpoint, size) for size in sizes]
     if args.longmem_checkpoint:
         plan += [("longmem", args.longmem_checkpoint, size) for size in sizes]
+    if args.gptm_checkpoint:
+        plan.append(("gptm", args.gptm_checkpoint, None))
     if args.control_checkpoint:
         plan.append(("control", args.control_checkpoint, 0))
     if args.vanilla_checkpoint:
         plan.append(("vanilla", args.vanilla_checkpoint, None))
     runs, scored_by_size, vanilla_copy, planted, planted_built, planted_count = [], {}, None, None, False, None
+    scored_by_run = {}  # the runs GPTm's per-token gains are measured between
     cache = RunCache(Path(args.out) / "cache", args)
     for name, checkpoint, size in plan:
         overrides = {"memory_size": size} if size is not None else {}
@@ -346,6 +362,8 @@ def main(argv=None):
             runs.append(row)
             if name == "paper-memory":
                 scored_by_size[size] = scored
+            if name in GAIN_RUNS:
+                scored_by_run[name] = scored
             continue
         logger.info("evaluating %s (%s) with memory size %s", name, checkpoint, size)
         model, task = load(checkpoint, args.data, args.subset, args.tokens_per_sample, args.batch_size,
@@ -353,8 +371,10 @@ def main(argv=None):
         start = time.perf_counter()
         scored = score(model, task, args.subset, args.tokens_per_sample, args.batch_size, args.far_position,
                        args.log_format)
-        row = summarise(name, checkpoint, size if size is not None else 0, scored, time.perf_counter() - start,
-                        args.far_position, gate_values(model))
+        bank = getattr(model, "memory_bank", None)
+        row = summarise(name, checkpoint, size if size is not None else getattr(bank, "memory_size", 0), scored,
+                        time.perf_counter() - start, args.far_position, gate_values(model))
+        row["memory_mb_per_stream"] = round(bank.bytes_per_stream() / 2**20, 2) if bank is not None else 0.0
         logger.info("%s memory %s: ppl %.3f (past %d: %s) over %d tokens", name, size, row["ppl"],
                     args.far_position, row["ppl_past_far_position"], row["tokens"])
         if name == "vanilla":
@@ -372,6 +392,8 @@ def main(argv=None):
                    "planted_documents": planted_count})
         if name == "paper-memory":
             scored_by_size[size] = scored
+        if name in GAIN_RUNS:
+            scored_by_run[name] = scored
         del model
 
     report = {
@@ -396,6 +418,11 @@ def main(argv=None):
         if largest in scored_by_size:
             dictionary = Dictionary.load(os.path.join(args.data, "dict.txt"))
             report["biggest_gains"] = biggest_gains(scored_by_size[0], scored_by_size[largest], dictionary)
+    baseline = next((name for name in ("control", "vanilla") if name in scored_by_run), None)
+    if "gptm" in scored_by_run and baseline:
+        dictionary = Dictionary.load(os.path.join(args.data, "dict.txt"))
+        report["gptm_gains_between"] = f"{baseline} vs gptm"
+        report["gptm_gains"] = biggest_gains(scored_by_run[baseline], scored_by_run["gptm"], dictionary)
     write_outputs(Path(args.out), report)
     print((Path(args.out) / "memory_sweep.md").read_text())
 

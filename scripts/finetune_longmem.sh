@@ -8,17 +8,9 @@
 #
 #   scripts/finetune_longmem.sh DATA_BIN BACKBONE_CKPT SAVE_DIR [extra fairseq-train args]
 #   env: MEMORY_SIZE (65536), MAX_UPDATE (400), KNN_K (32), CHUNK_SIZE (1; LongMem uses 4),
-#        SIDE_LAYERS (0 = half the backbone's), LR (2e-4)
+#        SIDE_LAYERS (0 = half the backbone's), LR (5e-5, decaying to 0)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
-DATA=${1:?usage: finetune_longmem.sh DATA_BIN BACKBONE_CKPT SAVE_DIR [fairseq args]}
-BACKBONE=${2:?usage: finetune_longmem.sh DATA_BIN BACKBONE_CKPT SAVE_DIR [fairseq args]}
-SAVE=${3:?usage: finetune_longmem.sh DATA_BIN BACKBONE_CKPT SAVE_DIR [fairseq args]}
-shift 3
-[ -f "$BACKBONE" ] || { echo "finetune_longmem.sh: no checkpoint $BACKBONE; run scripts/train_vanilla.sh first" >&2; exit 2; }
-start_finetune "$DATA" "$BACKBONE" "$SAVE" --backbone-checkpoint
-exec "$BIN/fairseq-train" "$DATA" --user-dir fairseq_memtrm --task document_lm \
-    --arch longmem_sidenet_lm --backbone-checkpoint "$BACKBONE" --side-layers "${SIDE_LAYERS:-0}" --dropout "$DROPOUT" \
-    --memory-size "${MEMORY_SIZE:-65536}" --knn-k "${KNN_K:-32}" --memory-chunk-size "${CHUNK_SIZE:-1}" \
-    "${FINETUNE_OPTIONS[@]}" "$@"
+finetune --backbone-checkpoint --arch longmem_sidenet_lm --side-layers "${SIDE_LAYERS:-0}" \
+    --memory-size "${MEMORY_SIZE:-65536}" --knn-k "${KNN_K:-32}" --memory-chunk-size "${CHUNK_SIZE:-1}" -- "$@"

@@ -5,18 +5,11 @@
 # Resumable: rerunning continues from SAVE_DIR/checkpoint_last.pt.
 #
 #   scripts/finetune_memory.sh DATA_BIN VANILLA_CKPT SAVE_DIR [extra fairseq-train args]
-#   env: MEMORY_SIZE (65536), MAX_UPDATE (400), KNN_K (32), LR (2e-4), DROPOUT (0)
+#   env: MEMORY_SIZE (65536), MAX_UPDATE (400), KNN_K (32), LR (5e-5, decaying to 0), DROPOUT (0),
+#        MEMORY_LAYERS (--memory-layers), GATE_INIT (--memory-gate-init); unset: the model's defaults
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
-DATA=${1:?usage: finetune_memory.sh DATA_BIN VANILLA_CKPT SAVE_DIR [fairseq args]}
-VANILLA=${2:?usage: finetune_memory.sh DATA_BIN VANILLA_CKPT SAVE_DIR [fairseq args]}
-SAVE=${3:?usage: finetune_memory.sh DATA_BIN VANILLA_CKPT SAVE_DIR [fairseq args]}
-shift 3
-[ -f "$VANILLA" ] || { echo "finetune_memory.sh: no checkpoint $VANILLA; run scripts/train_vanilla.sh first" >&2; exit 2; }
-start_finetune "$DATA" "$VANILLA" "$SAVE"
-exec "$BIN/fairseq-train" "$DATA" --user-dir fairseq_memtrm --task document_lm \
-    --arch memorizing_transformer_lm "${SHAPE[@]}" --dropout "$DROPOUT" \
-    --memory-size "${MEMORY_SIZE:-65536}" --knn-k "${KNN_K:-32}" \
-    --finetune-from-model "$VANILLA" \
-    "${FINETUNE_OPTIONS[@]}" "$@"
+finetune --finetune-from-model --arch memorizing_transformer_lm "${SHAPE[@]}" \
+    --memory-size "${MEMORY_SIZE:-65536}" --knn-k "${KNN_K:-32}" ${MEMORY_LAYERS:+--memory-layers "$MEMORY_LAYERS"} \
+    ${GATE_INIT:+--memory-gate-init "$GATE_INIT"} -- "$@"

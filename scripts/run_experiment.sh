@@ -5,15 +5,22 @@
 #   3. control: same updates, memory 0                     -> checkpoints/NAME/control
 #   4. memorizing fine-tune, copying options (65K)         -> checkpoints/NAME/copying-memory
 #   5. LongMem SideNet over the frozen vanilla (65K)        -> checkpoints/NAME/longmem
-#   6. sweep of evaluation memory sizes    -> results/NAME/memory_sweep.{json,md,png}
-#      (runs vanilla, control, paper-memory, copying-memory, longmem; a killed sweep
+#   6. GPTm: a differentiable memory matrix (GPTM_SLOTS)   -> checkpoints/NAME/gptm
+#   7. sweep of evaluation memory sizes    -> results/NAME/memory_sweep.{json,md,png}
+#      (runs vanilla, control, paper-memory, copying-memory, longmem, gptm; a killed sweep
 #      resumes from results/NAME/cache)
 # Each step's wall time is appended to results/NAME/timings.tsv. STEPS picks a subset
 # (e.g. STEPS="vanilla memory control sweep").
 #
 #   scripts/run_experiment.sh NAME TRAIN_DATA_BIN EVAL_DATA_BIN
-#   env: as train_vanilla.sh / finetune_memory.sh, plus FINETUNE_UPDATES (400),
-#        TRAIN_MEMORY (65536), SWEEP_SIZES, SWEEP_SUBSET (test), EVAL_BATCH_SIZE (4), STEPS
+#   env: as train_vanilla.sh / finetune_memory.sh / finetune_gptm.sh, plus FINETUNE_UPDATES (400),
+#        TRAIN_MEMORY (65536), SWEEP_SIZES, SWEEP_SUBSET (test), EVAL_BATCH_SIZE (4), STEPS,
+#        MEMORY_LAYERS (default: the vanilla's induction layer, below), GATE_INIT (-3: the memory
+#        fine-tunes start with memory gates sigmoid(-3) = 0.05, so close to the vanilla)
+# The kNN memory extends one layer's attention, so it can copy only through a layer
+# whose heads copy: unless MEMORY_LAYERS is given, the memory fine-tunes put it at the
+# vanilla's induction layer (the layer of its strongest induction head, measured by
+# copy_score.py --induction on TRAIN_DATA_BIN's valid split; docs/results.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
@@ -31,20 +38,30 @@ timed() {  # timed STEP command...: run, append "STEP seconds updates" to timing
     printf '%s\t%s\n' "$step" "$(( $(date +%s) - start ))" >> "$OUT/timings.tsv"
 }
 
-STEPS=" ${STEPS:-vanilla memory control copying-memory longmem sweep} "
+STEPS=" ${STEPS:-vanilla memory control copying-memory longmem gptm sweep} "
 step() { [[ "$STEPS" == *" $1 "* ]]; }
 VANILLA=$CKPT/vanilla/checkpoint_last.pt
 FINETUNE=(env MAX_UPDATE="${FINETUNE_UPDATES:-400}" MEMORY_SIZE="${TRAIN_MEMORY:-65536}")
 
 step vanilla && timed vanilla scripts/train_vanilla.sh "$DATA" "$CKPT/vanilla"
+induction_layer() {
+    "$BIN/python" scripts/copy_score.py "$VANILLA" "$DATA" --induction 2>/dev/null |
+        "$BIN/python" -c 'import json, sys; print(json.load(sys.stdin)["induction_layer"])'
+}
+if [ -z "${MEMORY_LAYERS:-}" ] && { step memory || step copying-memory; }; then
+    MEMORY_LAYERS=$(induction_layer)
+    echo "run_experiment.sh: memory at layer $MEMORY_LAYERS, the vanilla's induction layer (set MEMORY_LAYERS to override)"
+fi
+export MEMORY_LAYERS GATE_INIT=${GATE_INIT:--3}
 step memory && timed memory "${FINETUNE[@]}" scripts/finetune_memory.sh "$DATA" "$VANILLA" "$CKPT/memory"
 step control && timed control "${FINETUNE[@]}" MEMORY_SIZE=0 scripts/finetune_memory.sh "$DATA" "$VANILLA" "$CKPT/control"
 step copying-memory && timed copying-memory "${FINETUNE[@]}" scripts/finetune_memory.sh "$DATA" "$VANILLA" \
     "$CKPT/copying-memory" --memory-query key --memory-shift-keys
 step longmem && timed longmem "${FINETUNE[@]}" scripts/finetune_longmem.sh "$DATA" "$VANILLA" "$CKPT/longmem"
+step gptm && timed gptm "${FINETUNE[@]}" scripts/finetune_gptm.sh "$DATA" "$VANILLA" "$CKPT/gptm"
 if step sweep; then
     SWEEP_RUNS=()
-    for run in control copying-memory longmem; do
+    for run in control copying-memory longmem gptm; do
         [ -f "$CKPT/$run/checkpoint_last.pt" ] && SWEEP_RUNS+=("--$run-checkpoint" "$CKPT/$run/checkpoint_last.pt")
     done
     timed sweep "$BIN/python" scripts/eval_memory_sweep.py "$EVAL" \

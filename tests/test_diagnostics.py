@@ -56,3 +56,41 @@ def test_in_context_score_is_late_minus_early_loss():
     assert result["in_context_score"] == pytest.approx(10, abs=1e-4)
     with pytest.raises(MemtrmUserError):
         in_context_score(Successor(), segments, early=3, late=12)
+
+
+def test_induction_scores_read_fairseqs_own_attention_weights(tmp_path):
+    """The scores recompute each layer's attention from its q/k projections: they must
+    equal the weights fairseq's MultiheadAttention returns, at the induction positions."""
+    from lm_builders import TINY, build_model, write_dictionary
+
+    from fairseq_memtrm.diagnostics import induction_scores
+
+    write_dictionary(tmp_path)
+    model, _ = build_model(tmp_path, "transformer_lm", TINY)
+    span = 10
+    passages = torch.randint(4, 60, (3, span), generator=torch.Generator().manual_seed(0))
+    tokens = torch.cat([passages, passages], dim=1)
+    inputs = []
+    hooks = [layer.self_attn.register_forward_hook(
+        lambda module, args, kwargs, output: inputs.append(kwargs.get("query", args[0] if args else None)),
+        with_kwargs=True) for layer in model.decoder.layers]
+    with torch.no_grad():
+        model(tokens)
+    for handle in hooks:
+        handle.remove()
+    got = induction_scores(model, passages)
+    assert got.shape == (3, 4)
+    length = 2 * span
+    future = torch.triu(torch.full((length, length), float("-inf")), 1)
+    rows = torch.arange(span + 1, 2 * span)
+    for index, (layer, x) in enumerate(zip(model.decoder.layers, inputs)):
+        att = layer.self_attn
+        with torch.no_grad():  # torch's own attention, as fairseq's MultiheadAttention calls it, per head
+            _, weights = torch.nn.functional.multi_head_attention_forward(
+                x, x, x, att.embed_dim, att.num_heads, torch.empty([0]),
+                torch.cat((att.q_proj.bias, att.k_proj.bias, att.v_proj.bias)), None, None, False, 0.0,
+                att.out_proj.weight, att.out_proj.bias, training=False, need_weights=True, attn_mask=future,
+                use_separate_proj_weight=True, q_proj_weight=att.q_proj.weight, k_proj_weight=att.k_proj.weight,
+                v_proj_weight=att.v_proj.weight, average_attn_weights=False)  # (B, H, T, T)
+        expected = weights[:, :, rows, rows - span + 1].mean(dim=(0, 2))
+        assert torch.allclose(got[index], expected, atol=1e-5), index

@@ -15,7 +15,10 @@ from fairseq.data import data_utils
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from lm_builders import PLUGIN, REPO, TINY, build, run_command, save_checkpoint, write_dictionary
 
-from fairseq_memtrm.testtime import DynamicEvaluator, NeuralCache, StaticScorer, gradient_rms, score_streams
+from fairseq_memtrm.diagnostics import plant_passage, planted_passage_loss
+from fairseq_memtrm.testtime import (CacheKNNLM, DynamicEvaluator, NeuralCache, StaticScorer, gradient_rms, mix3,
+                                     planted_passage_losses, score_streams)
+from fairseq_memtrm.testtime.neural_cache import mix
 from fairseq_memtrm.errors import MemtrmUserError
 from fairseq_memtrm.testtime.dynamic_eval import adaptable_parameters
 from fairseq_memtrm.testtime.knn_lm import KNNLM, build_datastore
@@ -310,6 +313,37 @@ def test_knnlm_refuses_another_checkpoint_or_the_scored_split(prepared_data_bin,
 
 
 # -------------------------------------------------------------------------- CLI
+def test_three_way_mixture_equals_the_formula_by_hand():
+    p_model = torch.tensor([[0.5, 0.1]])
+    p_cache = torch.tensor([[0.2, 0.0]])
+    p_knn = torch.tensor([[0.4, 0.9]])
+    has_cache = torch.tensor([[True, False]])
+    got = mix3(-p_model.log(), p_cache.log(), has_cache, p_knn.log(), 0.2, 0.3)
+    expected = torch.tensor([[0.5 * 0.5 + 0.2 * 0.2 + 0.3 * 0.4,  # with a cache: three terms
+                              0.7 * 0.1 + 0.3 * 0.9]])  # no cache: its weight is not given to anything else
+    assert torch.allclose(got, -expected.log(), atol=1e-6)
+    # each two-way mixture is the special case with the other weight at 0
+    assert torch.allclose(mix3(-p_model.log(), p_cache.log(), has_cache, p_knn.log(), 0.2, 0.0),
+                          mix(-p_model.log(), p_cache.log(), has_cache, 0.2), atol=1e-6)
+    assert torch.allclose(mix3(-p_model.log(), p_cache.log(), has_cache, p_knn.log(), 0.0, 0.3),
+                          mix(-p_model.log(), p_knn.log(), torch.ones_like(has_cache), 0.3), atol=1e-6)
+
+
+@pytest.mark.parametrize("arch,extra", [("transformer_lm", ()), ("memorizing_transformer_lm", MEMORIZING)])
+def test_planted_probe_of_a_scorer_equals_the_sweeps_probe(vocab_dir, arch, extra):
+    """The probe through the scorer interface (padding rows, document_lm-shaped batches)
+    gives the same losses as the sweep's direct probe of the model."""
+    model, _ = tiny(vocab_dir, arch, extra)
+    g = torch.Generator().manual_seed(3)
+    docs = torch.stack([plant_passage(torch.randint(4, 64, (60,), generator=g), torch.randint(4, 64, (6,), generator=g),
+                                      5, 30) for _ in range(3)])
+    direct = planted_passage_loss(model, docs, 5, 30, 6, tokens_per_sample=8)
+    through = planted_passage_losses(StaticScorer(model), docs, 5, 30, 6, tokens_per_sample=8, batch_size=2, pad=1)
+    assert set(through) == {"vanilla"}
+    for key in ("first_copy_loss", "second_copy_loss"):
+        assert through["vanilla"][key] == pytest.approx(direct[key], rel=1e-5)
+
+
 @pytest.fixture(scope="module")
 def checkpoints(prepared_data_bin, tmp_path_factory):
     folder = tmp_path_factory.mktemp("testtime-checkpoints")
@@ -331,6 +365,7 @@ def test_cli_runs_every_method_on_real_documents(prepared_data_bin, checkpoints,
                   "vanilla,dyneval,cache", "--tokens-per-sample", "32", "--batch-size", "2", "--max-batches", "6",
                   "--far-position", "64", "--dyneval-stats-batches", "2", "--dyneval-lr", "1e-5",
                   "--cache-lambda", "0,0.3", "--cache-theta", "0.5", "--cache-size", "100", "--cache-k", "16",
+                  "--probe-gap", "70", "--probe-at", "5", "--probe-length", "12",
                   "--cpu", "--log-format", "none", "--out", out)
     report = json.loads((out / "testtime.json").read_text())
     runs = {r["name"]: r for r in report["runs"]}
@@ -348,6 +383,37 @@ def test_cli_runs_every_method_on_real_documents(prepared_data_bin, checkpoints,
     table = (out / "testtime.md").read_text()
     assert "| vanilla |" in table and "| cache lambda=0.3 |" in table
     assert (out / "testtime.png").stat().st_size > 5_000
+    # the planted passage (70 tokens apart: beyond a 32-token segment) is scored by every run
+    assert report["planted_passage"]["gap"] == 70 and report["planted_passage"]["documents"] >= 1
+    for row in runs.values():
+        assert math.isfinite(row["planted_passage"]["second_copy_loss"])
+    assert runs["cache lambda=0"]["planted_passage"] == runs["vanilla"]["planted_passage"]
+    # the cache finds the first copy: the second is cheaper with it
+    assert (runs["cache lambda=0.3"]["planted_passage"]["second_copy_loss"]
+            < runs["vanilla"]["planted_passage"]["second_copy_loss"])
+
+
+def test_cli_tunes_on_another_split_and_scores_only_the_best(prepared_data_bin, checkpoints, tmp_path):
+    out = tmp_path / "out"
+    eval_testtime(prepared_data_bin, "--checkpoint", checkpoints["transformer_lm"], "--methods", "vanilla,cache",
+                  "--tune-subset", "valid", "--tune-batches", "3", "--cache-theta", "0.01,1", "--cache-lambda",
+                  "0,0.2,0.5", "--cache-size", "100", "--cache-k", "16", "--tokens-per-sample", "32",
+                  "--batch-size", "2", "--max-batches", "3", "--probe-gap", "0", "--cpu", "--log-format", "none",
+                  "--out", out)
+    report = json.loads((out / "testtime.json").read_text())
+    tuned = report["tuning"]["runs"]
+    assert report["tuning"]["subset"] == "valid" and len(tuned) == 6  # 2 thetas x 3 lambdas; vanilla has no grid
+    best = min(tuned, key=lambda r: r["ppl"])
+    assert report["tuning"]["chosen"]["cache"] == best["settings"]
+    scored = [r for r in report["runs"] if r["method"] == "cache"]
+    assert len(scored) == 1 and scored[0]["subset"] == "test"
+    assert scored[0]["settings"]["theta"] == best["settings"]["theta"]
+    assert scored[0]["settings"]["lambda"] == best["settings"]["lambda"]
+    assert "planted_passage" not in scored[0] and report["planted_passage"] is None
+    assert "tuned on valid" in (out / "testtime.md").read_text()
+    refused = eval_testtime(prepared_data_bin, "--checkpoint", checkpoints["transformer_lm"], "--tune-subset", "test",
+                            "--out", out, check=False)
+    assert refused.returncode == 2 and "--tune-subset must be another split" in refused.stderr
 
 
 def test_cli_dynamic_evaluation_of_a_memorizing_checkpoint(prepared_data_bin, checkpoints, tmp_path):
@@ -395,6 +461,18 @@ def test_cli_knnlm_builds_a_store_and_scores_with_it(prepared_data_bin, checkpoi
                   "--log-format", "none", "--out", out)
     runs = {r["name"]: r for r in json.loads((out / "testtime.json").read_text())["runs"]}
     assert runs["knnlm lambda=0"]["ppl"] == runs["vanilla"]["ppl"]
+    # the cache and kNN-LM together: the pair (0, 0) is the vanilla, (0, 0.3) the kNN-LM alone
+    both = tmp_path / "both"
+    eval_testtime(prepared_data_bin, "--checkpoint", checkpoints["transformer_lm"], "--methods", "cache+knnlm",
+                  "--datastore", store, "--knnlm-lambda", "0,0.3", "--knnlm-k", "8", "--knnlm-temperature", "10",
+                  "--cache-lambda", "0,0.2", "--cache-theta", "0.5", "--cache-size", "100", "--cache-k", "16",
+                  "--tokens-per-sample", "32", "--batch-size", "2", "--max-batches", "4", "--cpu",
+                  "--log-format", "none", "--out", both)
+    mixed = {r["name"]: r for r in json.loads((both / "testtime.json").read_text())["runs"]}
+    assert list(mixed) == [f"cache+knnlm lambda={c},{k}" for c in ("0", "0.2") for k in ("0", "0.3")]
+    assert mixed["cache+knnlm lambda=0,0"]["ppl"] == pytest.approx(runs["vanilla"]["ppl"], rel=1e-6)
+    assert mixed["cache+knnlm lambda=0,0.3"]["ppl"] == pytest.approx(runs["knnlm lambda=0.3"]["ppl"], rel=1e-6)
+    assert mixed["cache+knnlm lambda=0.2,0.3"]["ppl"] != mixed["cache+knnlm lambda=0,0.3"]["ppl"]
     assert math.isfinite(runs["knnlm lambda=0.3"]["ppl"]) and runs["knnlm lambda=0.3"]["ppl"] != runs["vanilla"]["ppl"]
     assert runs["knnlm lambda=0.3"]["extra_memory_mb"] > 0
     # the memorizing checkpoint's hidden states are not those in the store: one sentence, exit 2

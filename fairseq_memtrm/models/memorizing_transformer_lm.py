@@ -35,14 +35,15 @@ from fairseq.models.transformer_lm import (
 )
 from torch import Tensor
 
-from fairseq_memtrm.errors import MemtrmUserError
 from fairseq_memtrm.memory import MemoryBank
 from fairseq_memtrm.models.memory_model import (
     MemoryConfig,
     MemoryModel,
     build_memory_bank,
     build_memory_layer,
+    check_compatible,
     check_memory_options,
+    decoder_shape,
     fill_defaults,
     parse_memory_layers,
 )
@@ -145,57 +146,13 @@ class MemorizingTransformerLanguageModel(MemoryModel, TransformerLanguageModel):
         incompatibility into one clear sentence instead of torch's key dump."""
         super().upgrade_state_dict_named(state_dict, name)
         if name == "":
-            self._check_compatible(state_dict)
-
-    def _check_compatible(self, state_dict) -> None:
-        own = self.state_dict()
-        vocab_keys = ("decoder.embed_tokens.weight", "decoder.output_projection.weight")
-        for key, tensor in own.items():
-            if key not in state_dict:
-                if key.startswith("decoder.layers."):
-                    layers = {k.split(".")[2] for k in state_dict if k.startswith("decoder.layers.")}
-                    raise MemtrmUserError(
-                        f"checkpoint lacks {key}: it has {len(layers)} decoder layers, this model "
-                        f"{len(self.decoder.layers)}; use the checkpoint's --arch and --decoder-layers"
-                    )
-                raise MemtrmUserError(
-                    f"checkpoint lacks tensor {key}; it was saved by a different architecture "
-                    "(e.g. adaptive input/softmax vs plain embeddings): use the checkpoint's --arch"
-                )
-            theirs = state_dict[key]
-            if tuple(theirs.shape) != tuple(tensor.shape):
-                if key in vocab_keys and theirs.dim() == 2 and theirs.shape[1:] == tensor.shape[1:]:
-                    raise MemtrmUserError(
-                        f"dictionary mismatch: the checkpoint was trained with {theirs.shape[0]} "
-                        f"symbols but this data's dictionary has {tensor.shape[0]}; binarize the data "
-                        "with the checkpoint's dict.txt (fairseq-preprocess --srcdict DICT) or "
-                        "prepare_data.py --spm-model/--dict from the checkpoint's data-bin"
-                    )
-                raise MemtrmUserError(
-                    f"tensor {key} has shape {tuple(theirs.shape)} in the checkpoint but "
-                    f"{tuple(tensor.shape)} in this model; set --arch / --decoder-embed-dim / "
-                    "--decoder-ffn-embed-dim / --decoder-attention-heads to the checkpoint's values"
-                )
-        extra = sorted(k for k in state_dict if k not in own)
-        if extra:
-            raise MemtrmUserError(
-                f"checkpoint has tensors this model lacks (e.g. {extra[0]}); it has more layers or "
-                "another architecture: use the checkpoint's --arch and --decoder-layers"
-            )
+            check_compatible(self, state_dict)
 
 
 def memorizing_defaults(args):
     """Defaults of the flags of memorizing_transformer_lm (the config's, written there once)."""
     fill_defaults(args, MemorizingTransformerLMConfig)
     fill_defaults(args, MemoryConfig)
-
-
-def decoder_shape(args, layers: int, embed_dim: int, ffn_embed_dim: int, heads: int) -> None:
-    """The decoder's shape for a small arch; a flag given on the command line wins."""
-    args.decoder_layers = getattr(args, "decoder_layers", layers)
-    args.decoder_embed_dim = getattr(args, "decoder_embed_dim", embed_dim)
-    args.decoder_ffn_embed_dim = getattr(args, "decoder_ffn_embed_dim", ffn_embed_dim)
-    args.decoder_attention_heads = getattr(args, "decoder_attention_heads", heads)
 
 
 # `register_model` with a dataclass already registers the arch named like the

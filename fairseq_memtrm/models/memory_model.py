@@ -42,8 +42,20 @@ DEFAULT_STREAM_SET = "default"
 
 
 @dataclass
-class MemoryConfig(FairseqDataclass):
-    """The flags every memory model shares. A model's config extends it:
+class MemoryGateConfig(FairseqDataclass):
+    """The flag of every memory model with a learned per-head gate (the kNN models and GPTm)."""
+
+    memory_param_gain: float = field(
+        default=DEFAULT_MEMORY_PARAM_GAIN,
+        metadata={"help": "the per-head gate (and the kNN memory's log-temperature) are stored divided by this "
+                          "gain, so Adam moves them this many times faster than other weights (a scalar moves "
+                          "about lr per update)"},
+    )
+
+
+@dataclass
+class MemoryConfig(MemoryGateConfig):
+    """The flags every kNN memory model shares. A model's config extends it:
     ``class MyConfig(MemoryConfig, TransformerLanguageModelConfig)``."""
 
     memory_size: int = field(
@@ -54,12 +66,6 @@ class MemoryConfig(FairseqDataclass):
     memory_gate_init: float = field(
         default=0.0,
         metadata={"help": "initial per-head gate bias b_h; memory weight is sigmoid(b_h)"},
-    )
-    memory_param_gain: float = field(
-        default=DEFAULT_MEMORY_PARAM_GAIN,
-        metadata={"help": "the per-head gate bias and log-temperature are stored divided by this gain, "
-                          "so Adam moves them this many times faster than other weights (a scalar moves "
-                          "about lr per update)"},
     )
     memory_dtype: ChoiceEnum(["fp32", "fp16"]) = field(
         default="fp32", metadata={"help": "storage dtype of memory keys/values (fp16 halves RAM)"}
@@ -73,11 +79,23 @@ class MemoryConfig(FairseqDataclass):
 
 def fill_defaults(args, config_class) -> None:
     """For an arch function: give ``args`` the default of every field that
-    ``config_class`` declares itself (not those it inherits) and ``args`` lacks."""
-    own = vars(config_class).get("__annotations__", {})
+    ``config_class`` or one of the plugin's configs it extends declares (not
+    fairseq's: the arch functions fill those) and ``args`` lacks."""
+    own = set()
+    for cls in config_class.__mro__:
+        if cls.__module__.startswith("fairseq_memtrm"):
+            own.update(vars(cls).get("__annotations__", {}))
     for config_field in fields(config_class):
         if config_field.name in own and not hasattr(args, config_field.name):
             setattr(args, config_field.name, config_field.default)
+
+
+def decoder_shape(args, layers: int, embed_dim: int, ffn_embed_dim: int, heads: int) -> None:
+    """The decoder's shape for a small arch; a flag given on the command line wins."""
+    args.decoder_layers = getattr(args, "decoder_layers", layers)
+    args.decoder_embed_dim = getattr(args, "decoder_embed_dim", embed_dim)
+    args.decoder_ffn_embed_dim = getattr(args, "decoder_ffn_embed_dim", ffn_embed_dim)
+    args.decoder_attention_heads = getattr(args, "decoder_attention_heads", heads)
 
 
 # -------------------------------------------------------------- validation
@@ -119,23 +137,28 @@ def parse_memory_layers(spec: str, num_layers: int) -> List[int]:
 
 
 # ---------------------------------------------------------------- building
-def build_memory_layer(cfg, args, **attention_options) -> TransformerDecoderLayerBase:
-    """A stock decoder layer (``cfg``: a ``TransformerConfig``) whose self-attention is
-    kNN-augmented with the shared flags of ``args``; ``attention_options`` go to
-    :class:`KNNAugmentedAttention` (``memory_scale_init``, ``memory_query``, ...)."""
+def decoder_layer_with(cfg, attention_class, **attention_options) -> TransformerDecoderLayerBase:
+    """A stock decoder layer (``cfg``: a ``TransformerConfig``) whose self-attention is an
+    ``attention_class`` (a ``MultiheadAttention`` with the same parameter names), built
+    with the layer's own dropout and quantisation noise and ``attention_options``."""
     layer = TransformerDecoderLayerBase(cfg, no_encoder_attn=True)
-    layer.self_attn = KNNAugmentedAttention(
+    layer.self_attn = attention_class(
         layer.embed_dim,
         cfg.decoder.attention_heads,
-        knn_k=args.knn_k,
-        memory_gate_init=args.memory_gate_init,
-        memory_param_gain=args.memory_param_gain,
         dropout=cfg.attention_dropout,
         q_noise=layer.quant_noise,
         qn_block_size=layer.quant_noise_block_size,
         **attention_options,
     )
     return layer
+
+
+def build_memory_layer(cfg, args, **attention_options) -> TransformerDecoderLayerBase:
+    """A stock decoder layer whose self-attention is kNN-augmented with the shared
+    flags of ``args``; ``attention_options`` go to :class:`KNNAugmentedAttention`
+    (``memory_scale_init``, ``memory_query``, ...)."""
+    return decoder_layer_with(cfg, KNNAugmentedAttention, knn_k=args.knn_k, memory_gate_init=args.memory_gate_init,
+                              memory_param_gain=args.memory_param_gain, **attention_options)
 
 
 def build_memory_bank(args, attentions: Dict[int, KNNAugmentedAttention], **options) -> MemoryBank:
@@ -146,13 +169,57 @@ def build_memory_bank(args, attentions: Dict[int, KNNAugmentedAttention], **opti
                       **options)
 
 
+# ------------------------------------------------------------- checkpoints
+def check_compatible(model, state_dict) -> None:
+    """Every incompatibility between ``model`` and a checkpoint's (upgraded) ``state_dict``
+    as one clear sentence instead of torch's key dump: missing layers, another
+    architecture, another dictionary, another width."""
+    own = model.state_dict()
+    vocab_keys = ("decoder.embed_tokens.weight", "decoder.output_projection.weight")
+    for key, tensor in own.items():
+        if key not in state_dict:
+            if key.startswith("decoder.layers."):
+                layers = {k.split(".")[2] for k in state_dict if k.startswith("decoder.layers.")}
+                raise MemtrmUserError(
+                    f"checkpoint lacks {key}: it has {len(layers)} decoder layers, this model "
+                    f"{len(model.decoder.layers)}; use the checkpoint's --arch and --decoder-layers"
+                )
+            raise MemtrmUserError(
+                f"checkpoint lacks tensor {key}; it was saved by a different architecture "
+                "(e.g. adaptive input/softmax vs plain embeddings): use the checkpoint's --arch"
+            )
+        theirs = state_dict[key]
+        if tuple(theirs.shape) != tuple(tensor.shape):
+            if key in vocab_keys and theirs.dim() == 2 and theirs.shape[1:] == tensor.shape[1:]:
+                raise MemtrmUserError(
+                    f"dictionary mismatch: the checkpoint was trained with {theirs.shape[0]} "
+                    f"symbols but this data's dictionary has {tensor.shape[0]}; binarize the data "
+                    "with the checkpoint's dict.txt (fairseq-preprocess --srcdict DICT) or "
+                    "prepare_data.py --spm-model/--dict from the checkpoint's data-bin"
+                )
+            raise MemtrmUserError(
+                f"tensor {key} has shape {tuple(theirs.shape)} in the checkpoint but "
+                f"{tuple(tensor.shape)} in this model; set --arch / --decoder-embed-dim / "
+                "--decoder-ffn-embed-dim / --decoder-attention-heads to the checkpoint's values"
+            )
+    extra = sorted(k for k in state_dict if k not in own)
+    if extra:
+        raise MemtrmUserError(
+            f"checkpoint has tensors this model lacks (e.g. {extra[0]}); it has more layers or "
+            "another architecture: use the checkpoint's --arch and --decoder-layers"
+        )
+
+
 # ----------------------------------------------------------------- binding
 class MemoryModel:
     """Mixin of a fairseq language model whose layers ``memory_layer_ids`` read a kNN memory.
 
     The model sets ``memory_bank`` and ``memory_layer_ids`` and returns those layers'
-    attentions from :meth:`memory_attentions`. Put it first among the bases, so that
-    its ``forward`` is the model's.
+    attentions from :meth:`memory_attentions` (each with ``gate_values()``, which the
+    evaluation scripts report). Put it first among the bases, so that its ``forward``
+    is the model's. A memory of another kind (``gptm_lm``: a matrix, not a kNN store)
+    overrides ``forward`` with the same arguments, and its bank extends
+    :class:`~fairseq_memtrm.memory.bank.StreamSetBank`.
     """
 
     memory_bank: MemoryBank

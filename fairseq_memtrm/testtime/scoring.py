@@ -84,3 +84,56 @@ def score_streams(scorer, task, subset: str, batch_size: int, tokens_per_sample:
         if on_batch is not None:
             on_batch(index, sample)
     return {name: {key: torch.cat(values).numpy() for key, values in runs.items()} for name, runs in kept.items()}
+
+
+def planted_samples(documents: Tensor, tokens_per_sample: int, batch_size: int, pad: int,
+                    stream_id: str = "planted"):
+    """``document_lm``-shaped batches over ``documents`` (D, N), one document per
+    stream, ``batch_size`` streams at a time (rows beyond the last document are
+    exhausted streams: all padding, ``doc_start`` True), each read from its start
+    in segments of ``tokens_per_sample``. Yields ``(first_row, sample)``."""
+    count, total = documents.shape
+    for first_row in range(0, count, batch_size):
+        rows = documents[first_row : first_row + batch_size]
+        real_rows = rows.size(0)
+        if real_rows < batch_size:
+            rows = torch.cat([rows, rows.new_full((batch_size - real_rows, total), pad)])
+        real = torch.arange(batch_size) < real_rows
+        for segment, start in enumerate(range(0, total - 1, tokens_per_sample)):
+            source = rows[:, start : min(start + tokens_per_sample, total - 1)]
+            target = rows[:, start + 1 : start + 1 + source.size(1)]
+            yield first_row, {
+                "net_input": {
+                    "src_tokens": source,
+                    "src_lengths": source.ne(pad).sum(dim=1),
+                    "doc_start": torch.full((batch_size,), segment == 0) | ~real,
+                    "stream_id": stream_id,
+                },
+                "target": target,
+                "doc_id": torch.where(real, torch.arange(first_row, first_row + batch_size), -1),
+                "segment": torch.where(real, torch.tensor(segment), -1),
+            }
+
+
+def planted_passage_losses(scorer, documents: Tensor, first_at: int, gap: int, length: int,
+                           tokens_per_sample: int, batch_size: int, pad: int) -> Dict[str, Dict[str, float]]:
+    """The planted-passage probe (:func:`fairseq_memtrm.diagnostics.planted_passage_loss`)
+    for any scorer: ``documents`` from :func:`~fairseq_memtrm.diagnostics.planted_documents`
+    read as streams from their start (every scorer resets at ``doc_start``). Returns
+    ``{run name: {"first_copy_loss", "second_copy_loss"}}``, mean nats over the tokens
+    of each copy, the first token of each copy excluded."""
+    model = getattr(scorer, "model", None)
+    device = next(model.parameters()).device if model is not None else torch.device("cpu")
+    count, total = documents.shape
+    losses: Dict[str, Tensor] = {}
+    for first_row, sample in planted_samples(documents, tokens_per_sample, batch_size, pad):
+        sample = utils.move_to_cuda(sample, device) if device.type == "cuda" else sample
+        start = int(sample["segment"].max()) * tokens_per_sample
+        for name, nll in scorer.score(sample).items():
+            kept = losses.setdefault(name, torch.zeros(count, total))  # [:, i]: the loss of token i
+            rows = min(batch_size, count - first_row)
+            kept[first_row : first_row + rows, start + 1 : start + 1 + nll.size(1)] = nll[:rows].float().cpu()
+    second = first_at + gap
+    return {name: {"first_copy_loss": nll[:, first_at + 1 : first_at + length].mean().item(),
+                   "second_copy_loss": nll[:, second + 1 : second + length].mean().item()}
+            for name, nll in losses.items()}
