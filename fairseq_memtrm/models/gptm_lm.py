@@ -123,12 +123,7 @@ class GPTmLanguageModel(MemoryModel, TransformerLanguageModel):
         self.bptt_segments = 0
         self.decay = 1.0
 
-    @classmethod
-    def build_model(cls, args, task):
-        check_gptm_options(args)
-        model = super().build_model(args, task)
-        model.install_memory(args)
-        return model
+    check_options = staticmethod(check_gptm_options)
 
     def install_memory(self, args) -> None:
         decoder = self.decoder

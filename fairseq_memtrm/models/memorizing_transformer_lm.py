@@ -42,7 +42,6 @@ from fairseq_memtrm.models.memory_model import (
     build_memory_bank,
     build_memory_layer,
     check_compatible,
-    check_memory_options,
     decoder_shape,
     fill_defaults,
     parse_memory_layers,
@@ -93,13 +92,6 @@ class MemorizingTransformerLanguageModel(MemoryModel, TransformerLanguageModel):
         super().__init__(decoder)
         self.memory_layer_ids: List[int] = []
         self.memory_bank: Optional[MemoryBank] = None
-
-    @classmethod
-    def build_model(cls, args, task):
-        check_memory_options(args)
-        model = super().build_model(args, task)
-        model.install_memory(args)
-        return model
 
     def install_memory(self, args) -> None:
         decoder = self.decoder

@@ -227,6 +227,23 @@ class MemoryModel:
     #: False where another network writes the memory (LongMem: the frozen backbone's keys).
     attention_writes_memory = True
 
+    @staticmethod
+    def check_options(args) -> None:
+        """Stop with one sentence on a bad memory flag (before anything is built)."""
+        check_memory_options(args)
+
+    @classmethod
+    def build_model(cls, args, task):
+        """The base model's, then :meth:`install_memory` (a model built otherwise overrides this)."""
+        cls.check_options(args)
+        model = super().build_model(args, task)
+        model.install_memory(args)
+        return model
+
+    def install_memory(self, args) -> None:
+        """Put the memory into the layers ``args`` names and set ``memory_layer_ids`` and ``memory_bank``."""
+        raise NotImplementedError
+
     def memory_attentions(self) -> List[KNNAugmentedAttention]:
         """The attention of each memory layer, in the order of ``memory_layer_ids``."""
         raise NotImplementedError
