@@ -27,7 +27,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 # The demo models are committed (fp16, each with its spm.model and dict.txt): the
-# memorizing fine-tunes of the code and books experiments (README, Results).
+# memorizing fine-tunes of the code and books experiments (docs/experiment-log.md).
 # `make demo-model` rebuilds both with scripts/make_demo_model.py (~2 hours on 2
 # cores; the books one needs ../shared/data/books), which also runs for a
 # committed file that is missing. The books test split, where it exists, is

@@ -25,7 +25,7 @@ def perplexity(mean_loss) -> float:
 def load(checkpoint, data, subset, tokens_per_sample, batch_size, overrides, cpu):
     """Model and task exactly as ``fairseq-eval-lm --task document_lm`` builds them."""
     if not os.path.isfile(checkpoint):
-        raise MemtrmUserError(f"checkpoint {checkpoint!r} not found; train it first (see README, Results)")
+        raise MemtrmUserError(f"checkpoint {checkpoint!r} not found; train it first (README, Quick start)")
     argv = [data, "--user-dir", PACKAGE, "--task", "document_lm", "--path", checkpoint,
             "--gen-subset", subset, "--tokens-per-sample", str(tokens_per_sample), "--batch-size", str(batch_size),
             "--model-overrides", repr(overrides)]

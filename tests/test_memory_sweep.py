@@ -1,6 +1,6 @@
 """The fine-tuning experiment's whole chain on a tiny slice of real documents:
 prepare -> vanilla -> memory fine-tune + control -> sweep. The real numbers come
-from the scripts (README, Results); this checks the chain and its bookkeeping."""
+from the scripts (docs/results.md); this checks the chain and its bookkeeping."""
 
 import json
 import math
