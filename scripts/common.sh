@@ -170,3 +170,26 @@ finetune() {
     exec "$BIN/fairseq-train" "$DATA" --user-dir fairseq_memtrm --task document_lm --dropout "$DROPOUT" \
         "${model[@]}" "$from_flag" "$FROM" "${FINETUNE_OPTIONS[@]}" "${EXTRA_ARGS[@]}"
 }
+
+# The comparison scripts (run_experiment.sh, compare_longmem.sh) take the same arguments:
+#   experiment_paths SCRIPT NAME TRAIN_DATA_BIN EVAL_DATA_BIN
+# sets NAME, DATA, EVAL, CKPT=${CKPT:-checkpoints}/NAME and OUT=${RESULTS:-results}/NAME
+# (both created).
+experiment_paths() {
+    local usage="usage: $1 NAME TRAIN_DATA_BIN EVAL_DATA_BIN"
+    NAME=${2:?$usage}
+    DATA=${3:?$usage}
+    EVAL=${4:?$usage}
+    CKPT=${CKPT:-checkpoints}/$NAME
+    OUT=${RESULTS:-results}/$NAME
+    mkdir -p "$CKPT" "$OUT"
+}
+
+# timed STEP command...: runs the command, then appends "STEP seconds" to OUT/timings.tsv.
+timed() {
+    local step=$1 start
+    shift
+    start=$(date +%s)
+    "$@"
+    printf '%s\t%s\n' "$step" "$(( $(date +%s) - start ))" >> "$OUT/timings.tsv"
+}

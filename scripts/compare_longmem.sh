@@ -20,20 +20,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
-NAME=${1:?usage: compare_longmem.sh NAME TRAIN_DATA_BIN EVAL_DATA_BIN}
-DATA=${2:?usage: compare_longmem.sh NAME TRAIN_DATA_BIN EVAL_DATA_BIN}
-EVAL=${3:?usage: compare_longmem.sh NAME TRAIN_DATA_BIN EVAL_DATA_BIN}
-CKPT=${CKPT:-checkpoints}/$NAME
-OUT=${RESULTS:-results}/$NAME
-mkdir -p "$CKPT" "$OUT"
+experiment_paths compare_longmem.sh "$@"
 VANILLA=$CKPT/vanilla/checkpoint_last.pt
-
-timed() {  # timed STEP command...: run, append "STEP seconds" to timings.tsv
-    local step=$1 start; shift
-    start=$(date +%s)
-    "$@"
-    printf '%s\t%s\n' "$step" "$(( $(date +%s) - start ))" >> "$OUT/timings.tsv"
-}
 
 staleness() {  # staleness OUT.json fairseq-train args...: skipped when OUT.json exists
     local out=$1; shift

@@ -54,8 +54,20 @@ from fairseq_memtrm.models.memory_model import MemoryModel  # noqa: E402
 
 logger = logging.getLogger("eval_memory_sweep")
 
-# The runs that read a memory, swept over every --memory-sizes; the others run once.
-MEMORY_RUNS = ("paper-memory", "copying-memory", "longmem")
+# Every run of the comparison, in the order they are scored: its name in the outputs, the
+# flag that gives its checkpoint, the memory size it is scored at (SWEEP: every --memory-sizes;
+# None: the checkpoint's own) and the flag's help.
+SWEEP = "sweep"
+RUNS = (
+    ("paper-memory", "--memory-checkpoint", SWEEP, "memorizing fine-tune with the paper's options"),
+    ("copying-memory", "--copying-memory-checkpoint", SWEEP,
+     "memorizing fine-tune with --memory-query key --memory-shift-keys"),
+    ("longmem", "--longmem-checkpoint", SWEEP, "a longmem_sidenet_lm checkpoint (scripts/finetune_longmem.sh)"),
+    ("gptm", "--gptm-checkpoint", None, "a gptm_lm checkpoint (scripts/finetune_gptm.sh): its memory is its slots"),
+    ("control", "--control-checkpoint", 0, "same updates without memory"),
+    ("vanilla", "--vanilla-checkpoint", None, "the transformer_lm checkpoint the others started from"),
+)
+MEMORY_RUNS = tuple(name for name, _, size, _ in RUNS if size == SWEEP)  # one line each in the plot
 GAIN_RUNS = ("gptm", "control", "vanilla")  # GPTm's per-token gains: against the control, else the vanilla
 LABELS = {"paper-memory": "memorizing fine-tune (paper's options)",
           "copying-memory": "memorizing fine-tune (copying options)", "longmem": "LongMem SideNet"}
@@ -297,16 +309,9 @@ def write_outputs(out, report):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("data", help="data-bin folder (scripts/prepare_data.py)")
-    parser.add_argument("--memory-checkpoint",
-                        help="memorizing fine-tune with the paper's options (run 'paper-memory'), at every --memory-sizes")
-    parser.add_argument("--copying-memory-checkpoint",
-                        help="memorizing fine-tune with --memory-query key --memory-shift-keys (run 'copying-memory')")
-    parser.add_argument("--control-checkpoint", help="same updates without memory (memory size 0)")
-    parser.add_argument("--vanilla-checkpoint", help="the transformer_lm checkpoint both started from")
-    parser.add_argument("--longmem-checkpoint",
-                        help="a longmem_sidenet_lm checkpoint (scripts/finetune_longmem.sh), run at every --memory-sizes")
-    parser.add_argument("--gptm-checkpoint",
-                        help="a gptm_lm checkpoint (scripts/finetune_gptm.sh), run once: its memory size is its slots")
+    for name, flag, size, help in RUNS:
+        scored_at = "at every --memory-sizes" if size == SWEEP else "once" if size is None else f"at memory {size}"
+        parser.add_argument(flag, help=f"{help} (run '{name}', scored {scored_at})")
     parser.add_argument("--longmem-backbone", help="its backbone checkpoint, if it moved since training")
     parser.add_argument("--memory-sizes", default="0,1536,8192,32768,65536,262144",
                         help="comma-separated evaluation memory sizes for the memory checkpoint")
@@ -335,17 +340,11 @@ def main(argv=None):
     if not (args.memory_checkpoint or args.longmem_checkpoint or args.gptm_checkpoint):
         raise MemtrmUserError("nothing with a memory to evaluate: give --memory-checkpoint, --longmem-checkpoint "
                               "or --gptm-checkpoint")
-    plan = [("paper-memory", args.memory_checkpoint, size) for size in sizes if args.memory_checkpoint]
-    if args.copying_memory_checkpoint:
-        plan += [("copying-memory", args.copying_memory_checkpoint, size) for size in sizes]
-    if args.longmem_checkpoint:
-        plan += [("longmem", args.longmem_checkpoint, size) for size in sizes]
-    if args.gptm_checkpoint:
-        plan.append(("gptm", args.gptm_checkpoint, None))
-    if args.control_checkpoint:
-        plan.append(("control", args.control_checkpoint, 0))
-    if args.vanilla_checkpoint:
-        plan.append(("vanilla", args.vanilla_checkpoint, None))
+    plan = []
+    for name, flag, size, _ in RUNS:
+        checkpoint = getattr(args, flag[2:].replace("-", "_"))
+        if checkpoint:
+            plan += [(name, checkpoint, each) for each in (sizes if size == SWEEP else [size])]
     runs, scored_by_size, vanilla_copy, planted, planted_built, planted_count = [], {}, None, None, False, None
     scored_by_run = {}  # the runs GPTm's per-token gains are measured between
     cache = RunCache(Path(args.out) / "cache", args)

@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
 # The whole comparison on one corpus, each step resumable/idempotent:
-#   1. vanilla transformer_lm (scripts/train_vanilla.sh)   -> checkpoints/NAME/vanilla
-#   2. memorizing fine-tune, the paper's options (65K)     -> checkpoints/NAME/memory
-#   3. control: same updates, memory 0                     -> checkpoints/NAME/control
-#   4. memorizing fine-tune, copying options (65K)         -> checkpoints/NAME/copying-memory
-#   5. LongMem SideNet over the frozen vanilla (65K)        -> checkpoints/NAME/longmem
-#   6. GPTm: a differentiable memory matrix (GPTM_SLOTS)   -> checkpoints/NAME/gptm
-#   7. sweep of evaluation memory sizes    -> results/NAME/memory_sweep.{json,md,png}
+#   1. vanilla transformer_lm (scripts/train_vanilla.sh)   -> CKPT/NAME/vanilla
+#   2. memorizing fine-tune, the paper's options (65K)     -> CKPT/NAME/memory
+#   3. control: same updates, memory 0                     -> CKPT/NAME/control
+#   4. memorizing fine-tune, copying options (65K)         -> CKPT/NAME/copying-memory
+#   5. LongMem SideNet over the frozen vanilla (65K)        -> CKPT/NAME/longmem
+#   6. GPTm: a differentiable memory matrix (GPTM_SLOTS)   -> CKPT/NAME/gptm
+#   7. sweep of evaluation memory sizes    -> RESULTS/NAME/memory_sweep.{json,md,png}
 #      (runs vanilla, control, paper-memory, copying-memory, longmem, gptm; a killed sweep
-#      resumes from results/NAME/cache)
-# Each step's wall time is appended to results/NAME/timings.tsv. STEPS picks a subset
+#      resumes from RESULTS/NAME/cache)
+# Each step's wall time is appended to RESULTS/NAME/timings.tsv. STEPS picks a subset
 # (e.g. STEPS="vanilla memory control sweep").
 #
 #   scripts/run_experiment.sh NAME TRAIN_DATA_BIN EVAL_DATA_BIN
 #   env: as train_vanilla.sh / finetune_memory.sh / finetune_gptm.sh, plus FINETUNE_UPDATES (400),
 #        TRAIN_MEMORY (65536), SWEEP_SIZES, SWEEP_SUBSET (test), EVAL_BATCH_SIZE (4), STEPS,
+#        CKPT (checkpoints), RESULTS (results),
 #        MEMORY_LAYERS (default: the vanilla's induction layer, below), GATE_INIT (-3: the memory
 #        fine-tunes start with memory gates sigmoid(-3) = 0.05, so close to the vanilla)
 # The kNN memory extends one layer's attention, so it can copy only through a layer
@@ -24,19 +25,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
-NAME=${1:?usage: run_experiment.sh NAME TRAIN_DATA_BIN EVAL_DATA_BIN}
-DATA=${2:?usage: run_experiment.sh NAME TRAIN_DATA_BIN EVAL_DATA_BIN}
-EVAL=${3:?usage: run_experiment.sh NAME TRAIN_DATA_BIN EVAL_DATA_BIN}
-CKPT=checkpoints/$NAME
-OUT=results/$NAME
-mkdir -p "$CKPT" "$OUT"
-
-timed() {  # timed STEP command...: run, append "STEP seconds updates" to timings.tsv
-    local step=$1 start; shift
-    start=$(date +%s)
-    "$@"
-    printf '%s\t%s\n' "$step" "$(( $(date +%s) - start ))" >> "$OUT/timings.tsv"
-}
+experiment_paths run_experiment.sh "$@"
 
 STEPS=" ${STEPS:-vanilla memory control copying-memory longmem gptm sweep} "
 step() { [[ "$STEPS" == *" $1 "* ]]; }

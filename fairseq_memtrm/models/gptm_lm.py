@@ -28,18 +28,19 @@ loads every weight of a vanilla checkpoint; only the gates, the slot addresses
 
 import logging
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 from fairseq.dataclass import ChoiceEnum
-from fairseq.models import register_model, register_model_architecture
+from fairseq.models import register_model
 from fairseq.models.transformer_lm import (
     TransformerLanguageModel,
     TransformerLanguageModelConfig,
 )
 from torch import Tensor, nn
 
+from fairseq_memtrm.config_fields import option
 from fairseq_memtrm.errors import MemtrmUserError
 from fairseq_memtrm.memory.matrix_memory import (
     MatrixMemory,
@@ -55,9 +56,9 @@ from fairseq_memtrm.models.memory_model import (
     MemoryModel,
     check_compatible,
     decoder_layer_with,
-    decoder_shape,
     fill_defaults,
     parse_memory_layers,
+    register_sized_archs,
 )
 from fairseq_memtrm.modules.slot_attention import SlotAttention, SlotBinding
 
@@ -69,31 +70,22 @@ ADDRESSES = ("learned", "fixed", "zero")
 
 @dataclass
 class GPTmConfig(MemoryGateConfig, TransformerLanguageModelConfig):
-    gptm_slots: int = field(default=4096, metadata={"help": "rows m of each stream's memory matrix M (m x model width)"})
-    gptm_sketch_size: int = field(
-        default=64, metadata={"help": "rows s of the CountSketch S: the memory slots each read layer attends to"}
-    )
-    gptm_learned_sketch: bool = field(
-        default=False, metadata={"help": "train S (initialised as the CountSketch); off: S stays fixed"}
-    )
-    gptm_addresses: ChoiceEnum(list(ADDRESSES)) = field(
-        default="learned",
-        metadata={"help": "slot addresses A in the write's match v = (M + A) c: random and learned, random and "
-                          "fixed, or zero (v = M c; every slot then receives the same writes)"},
-    )
-    gptm_bptt_segments: int = field(
-        default=1,
-        metadata={"help": "segments back that the gradient follows M through its writes (truncated BPTT; each "
-                          "costs one more forward pass per training batch); 0: M is always detached"},
-    )
-    gptm_layers: str = field(
-        default="",
-        metadata={"help": "comma-separated 0-based indices of the decoder layers that read the memory slots; "
-                          "default: the layer at three quarters of the depth"},
-    )
-    gptm_decay: float = field(
-        default=1.0, metadata={"help": "M is multiplied by this before each write (1: no decay, the rule as given)"}
-    )
+    gptm_slots: int = option(4096, "rows m of each stream's memory matrix M (m x model width)")
+    gptm_sketch_size: int = option(64, "rows s of the CountSketch S: the memory slots each read layer attends to")
+    gptm_learned_sketch: bool = option(False, "train S (initialised as the CountSketch); off: S stays fixed")
+    gptm_addresses: ChoiceEnum(list(ADDRESSES)) = option(
+        "learned",
+        "slot addresses A in the write's match v = (M + A) c: random and learned, random and fixed, or zero (v = M "
+        "c; every slot then receives the same writes)")
+    gptm_bptt_segments: int = option(
+        1,
+        "segments back that the gradient follows M through its writes (truncated BPTT; each costs one more forward "
+        "pass per training batch); 0: M is always detached")
+    gptm_layers: str = option(
+        "",
+        "comma-separated 0-based indices of the decoder layers that read the memory slots; default: the layer at "
+        "three quarters of the depth")
+    gptm_decay: float = option(1.0, "M is multiplied by this before each write (1: no decay, the rule as given)")
 
 
 def check_gptm_options(args) -> None:
@@ -243,17 +235,5 @@ def gptm_defaults(args):
     fill_defaults(args, GPTmConfig)
 
 
-@register_model_architecture("gptm_lm", "gptm_lm_small")
-def gptm_lm_small(args):
-    """6 x 256, 4 heads, tied input/output embeddings: the project's vanilla (SHAPE in scripts/common.sh)."""
-    decoder_shape(args, layers=6, embed_dim=256, ffn_embed_dim=1024, heads=4)
-    args.share_decoder_input_output_embed = getattr(args, "share_decoder_input_output_embed", True)
-    gptm_defaults(args)
-
-
-@register_model_architecture("gptm_lm", "gptm_lm_tiny")
-def gptm_lm_tiny(args):
-    """4 x 128, 4 heads of 32 dims, 256 slots: for tests and CPU demos."""
-    decoder_shape(args, layers=4, embed_dim=128, ffn_embed_dim=512, heads=4)
-    args.gptm_slots = getattr(args, "gptm_slots", 256)
-    gptm_defaults(args)
+register_sized_archs("gptm_lm", gptm_defaults, small={"share_decoder_input_output_embed": True},
+                     tiny={"gptm_slots": 256})

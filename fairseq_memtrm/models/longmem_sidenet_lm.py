@@ -21,7 +21,7 @@ import copy
 import hashlib
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Tuple
 
 import torch
@@ -35,6 +35,7 @@ from fairseq.models import (
 from fairseq.models.transformer_lm import TransformerLanguageModel
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 
+from fairseq_memtrm.config_fields import option
 from fairseq_memtrm.checkpoint_files import load_checkpoint_to_cpu
 from fairseq_memtrm.errors import MemtrmUserError
 from fairseq_memtrm.memory import MemoryBank
@@ -59,36 +60,29 @@ MOVED_HINT = ("pass its path: --backbone-checkpoint PATH (fairseq-train), or "
 
 @dataclass
 class LongMemSideNetConfig(MemoryConfig):
-    backbone_checkpoint: str = field(
-        default="",
-        metadata={"help": "the frozen transformer_lm checkpoint that encodes the memory (required); "
-                          "stored as an absolute path in the side checkpoint"},
-    )
-    side_layers: int = field(
-        default=0, metadata={"help": "SideNet decoder layers; 0: half the backbone's layers"}
-    )
-    side_init: ChoiceEnum(["backbone", "random"]) = field(
-        default="backbone",
-        metadata={"help": "initialise side layer i from the last backbone layer of its span "
-                          "(every other layer when the SideNet has half the depth), or randomly"},
-    )
-    side_memory_layer: int = field(
-        default=-1,
-        metadata={"help": "0-based SideNet layer that reads the memory; -1: the one at three quarters of the depth"},
-    )
-    memory_source_layer: int = field(
-        default=-1,
-        metadata={"help": "0-based backbone layer whose attention keys/values are written to memory; "
-                          "-1: the backbone layer the memory side layer is initialised from"},
-    )
-    memory_chunk_size: int = field(
-        default=1,
-        metadata={"help": "LongMem's chunked retrieval: search chunks of this many consecutive tokens by "
-                          "their mean key and attend to all tokens of the knn_k/chunk best (1: token search)"},
-    )
-    dropout: float = field(default=0.1, metadata={"help": "dropout in the SideNet layers"})
-    attention_dropout: float = field(default=0.0, metadata={"help": "attention dropout in the SideNet layers"})
-    activation_dropout: float = field(default=0.0, metadata={"help": "FFN dropout in the SideNet layers"})
+    backbone_checkpoint: str = option(
+        "",
+        "the frozen transformer_lm checkpoint that encodes the memory (required); stored as an absolute path in the "
+        "side checkpoint")
+    side_layers: int = option(0, "SideNet decoder layers; 0: half the backbone's layers")
+    side_init: ChoiceEnum(["backbone", "random"]) = option(
+        "backbone",
+        "initialise side layer i from the last backbone layer of its span (every other layer when the SideNet has "
+        "half the depth), or randomly")
+    side_memory_layer: int = option(
+        -1,
+        "0-based SideNet layer that reads the memory; -1: the one at three quarters of the depth")
+    memory_source_layer: int = option(
+        -1,
+        "0-based backbone layer whose attention keys/values are written to memory; -1: the backbone layer the memory"
+        " side layer is initialised from")
+    memory_chunk_size: int = option(
+        1,
+        "LongMem's chunked retrieval: search chunks of this many consecutive tokens by their mean key and attend to "
+        "all tokens of the knn_k/chunk best (1: token search)")
+    dropout: float = option(0.1, "dropout in the SideNet layers")
+    attention_dropout: float = option(0.0, "attention dropout in the SideNet layers")
+    activation_dropout: float = option(0.0, "FFN dropout in the SideNet layers")
 
 
 # ----------------------------------------------------------------- backbone

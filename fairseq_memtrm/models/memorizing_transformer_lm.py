@@ -19,7 +19,7 @@ a forward pass are every memory model's: see ``models/memory_model.py``.
 """
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional
 
 from fairseq.dataclass import ChoiceEnum
@@ -35,6 +35,7 @@ from fairseq.models.transformer_lm import (
 )
 from torch import Tensor
 
+from fairseq_memtrm.config_fields import option
 from fairseq_memtrm.memory import MemoryBank
 from fairseq_memtrm.models.memory_model import (
     MemoryConfig,
@@ -42,9 +43,9 @@ from fairseq_memtrm.models.memory_model import (
     build_memory_bank,
     build_memory_layer,
     check_compatible,
-    decoder_shape,
     fill_defaults,
     parse_memory_layers,
+    register_sized_archs,
 )
 from fairseq_memtrm.modules.knn_attention import MEMORY_QUERIES, KNNAugmentedAttention
 
@@ -53,37 +54,27 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class MemorizingTransformerLMConfig(MemoryConfig, TransformerLanguageModelConfig):
-    memory_layers: str = field(
-        default="",
-        metadata={
-            "help": "comma-separated 0-based indices of the decoder layers that use the memory; "
-            "default: the layer at three quarters of the depth (8 of 12)"
-        },
-    )
-    memory_scale_init: float = field(
-        default=20.0,
-        metadata={"help": "initial per-head temperature of the memory softmax over cosine similarities "
-                          "(learned, in log space)"},
-    )
-    memory_query: ChoiceEnum(list(MEMORY_QUERIES)) = field(
-        default="query",
-        metadata={"help": "what queries the memory: the token's attention query (the paper), or its own key "
-                          "(finds past tokens like this one without a learned query/key match; with "
-                          "--memory-shift-keys, what followed them)"},
-    )
-    memory_shift_keys: bool = field(
-        default=False,
-        metadata={"help": "key each memory entry by the previous token's key (its value stays the token's "
-                          "own): a query matching a past token reads what followed it, the copying step "
-                          "of an induction head built into the memory; off = the paper's memory"},
-    )
-    memory_keys_with_positions: bool = field(
-        default=False,
-        metadata={"help": "layer 0 computes its memory keys and queries from its input as it is, positional "
-                          "embedding included (off: from the token embeddings alone, so that a retrieval does "
-                          "not depend on where a token stood in its segment); deeper layers always use their "
-                          "input as it is"},
-    )
+    memory_layers: str = option(
+        "",
+        "comma-separated 0-based indices of the decoder layers that use the memory; default: the layer at three "
+        "quarters of the depth (8 of 12)")
+    memory_scale_init: float = option(
+        20.0,
+        "initial per-head temperature of the memory softmax over cosine similarities (learned, in log space)")
+    memory_query: ChoiceEnum(list(MEMORY_QUERIES)) = option(
+        "query",
+        "what queries the memory: the token's attention query (the paper), or its own key (finds past tokens like "
+        "this one without a learned query/key match; with --memory-shift-keys, what followed them)")
+    memory_shift_keys: bool = option(
+        False,
+        "key each memory entry by the previous token's key (its value stays the token's own): a query matching a "
+        "past token reads what followed it, the copying step of an induction head built into the memory; off = the "
+        "paper's memory")
+    memory_keys_with_positions: bool = option(
+        False,
+        "layer 0 computes its memory keys and queries from its input as it is, positional embedding included (off: "
+        "from the token embeddings alone, so that a retrieval does not depend on where a token stood in its "
+        "segment); deeper layers always use their input as it is")
 
 
 @register_model("memorizing_transformer_lm", dataclass=MemorizingTransformerLMConfig)
@@ -178,16 +169,4 @@ def memorizing_transformer_lm_wiki103(args):
     memorizing_defaults(args)
 
 
-@register_model_architecture("memorizing_transformer_lm", "memorizing_transformer_lm_small")
-def memorizing_transformer_lm_small(args):
-    """6 x 256, 4 heads: the shape that trains at ~2K tokens/s on 2 CPU cores."""
-    decoder_shape(args, layers=6, embed_dim=256, ffn_embed_dim=1024, heads=4)
-    memorizing_transformer_lm(args)
-
-
-@register_model_architecture("memorizing_transformer_lm", "memorizing_transformer_lm_tiny")
-def memorizing_transformer_lm_tiny(args):
-    """4 x 128, 4 heads of 32 dims: for tests and CPU demos."""
-    decoder_shape(args, layers=4, embed_dim=128, ffn_embed_dim=512, heads=4)
-    args.memory_size = getattr(args, "memory_size", 8192)
-    memorizing_transformer_lm(args)
+register_sized_archs("memorizing_transformer_lm", memorizing_transformer_lm, tiny={"memory_size": 8192})

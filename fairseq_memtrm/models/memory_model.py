@@ -23,17 +23,20 @@ See ``docs/architecture.md`` for the flow of one segment.
 
 import logging
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Dict, Iterator, List, Optional
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.models import register_model_architecture
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 from torch import Tensor
 
+from fairseq_memtrm.config_fields import option
 from fairseq_memtrm.errors import MemtrmUserError
 from fairseq_memtrm.memory import MemoryBank
 from fairseq_memtrm.memory.search import parse_backend_spec
-from fairseq_memtrm.modules.knn_attention import DEFAULT_MEMORY_PARAM_GAIN, KNNAugmentedAttention, MemoryBinding
+from fairseq_memtrm.modules.gated_memory_attention import DEFAULT_MEMORY_PARAM_GAIN
+from fairseq_memtrm.modules.knn_attention import KNNAugmentedAttention, MemoryBinding
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +48,10 @@ DEFAULT_STREAM_SET = "default"
 class MemoryGateConfig(FairseqDataclass):
     """The flag of every memory model with a learned per-head gate (the kNN models and GPTm)."""
 
-    memory_param_gain: float = field(
-        default=DEFAULT_MEMORY_PARAM_GAIN,
-        metadata={"help": "the per-head gate (and the kNN memory's log-temperature) are stored divided by this "
-                          "gain, so Adam moves them this many times faster than other weights (a scalar moves "
-                          "about lr per update)"},
-    )
+    memory_param_gain: float = option(
+        DEFAULT_MEMORY_PARAM_GAIN,
+        "the per-head gate (and the kNN memory's log-temperature) are stored divided by this gain, so Adam moves "
+        "them this many times faster than other weights (a scalar moves about lr per update)")
 
 
 @dataclass
@@ -58,23 +59,16 @@ class MemoryConfig(MemoryGateConfig):
     """The flags every kNN memory model shares. A model's config extends it:
     ``class MyConfig(MemoryConfig, TransformerLanguageModelConfig)``."""
 
-    memory_size: int = field(
-        default=65536,
-        metadata={"help": "tokens of kNN memory per stream (batch row); oldest are evicted first"},
-    )
-    knn_k: int = field(default=32, metadata={"help": "entries retrieved from memory per query and head"})
-    memory_gate_init: float = field(
-        default=0.0,
-        metadata={"help": "initial per-head gate bias b_h; memory weight is sigmoid(b_h)"},
-    )
-    memory_dtype: ChoiceEnum(["fp32", "fp16"]) = field(
-        default="fp32", metadata={"help": "storage dtype of memory keys/values (fp16 halves RAM)"}
-    )
-    memory_backend: str = field(
-        default="exact",
-        metadata={"help": "top-k search backend: exact (blocked matmul), faiss-flat, faiss-ivf, faiss-hnsw; "
-                  "options after a colon, e.g. faiss-ivf:nprobe=32 (see docs/benchmark.md)"},
-    )
+    memory_size: int = option(65536, "tokens of kNN memory per stream (batch row); oldest are evicted first")
+    knn_k: int = option(32, "entries retrieved from memory per query and head")
+    memory_gate_init: float = option(0.0, "initial per-head gate bias b_h; memory weight is sigmoid(b_h)")
+    memory_dtype: ChoiceEnum(["fp32", "fp16"]) = option(
+        "fp32",
+        "storage dtype of memory keys/values (fp16 halves RAM)")
+    memory_backend: str = option(
+        "exact",
+        "top-k search backend: exact (blocked matmul), faiss-flat, faiss-ivf, faiss-hnsw; options after a colon, "
+        "e.g. faiss-ivf:nprobe=32 (see docs/benchmark.md)")
 
 
 def fill_defaults(args, config_class) -> None:
@@ -90,12 +84,31 @@ def fill_defaults(args, config_class) -> None:
             setattr(args, config_field.name, config_field.default)
 
 
-def decoder_shape(args, layers: int, embed_dim: int, ffn_embed_dim: int, heads: int) -> None:
-    """The decoder's shape for a small arch; a flag given on the command line wins."""
-    args.decoder_layers = getattr(args, "decoder_layers", layers)
-    args.decoder_embed_dim = getattr(args, "decoder_embed_dim", embed_dim)
-    args.decoder_ffn_embed_dim = getattr(args, "decoder_ffn_embed_dim", ffn_embed_dim)
-    args.decoder_attention_heads = getattr(args, "decoder_attention_heads", heads)
+#: The decoder of every memory model's ``_small`` and ``_tiny`` arch. small: 6 x 256,
+#: 4 heads, the vanilla's shape (SHAPE in scripts/common.sh), ~2K tokens/s on 2 CPU
+#: cores; tiny: 4 x 128, 4 heads of 32 dims, for tests and CPU demos.
+DECODER_SHAPES = {
+    "small": dict(decoder_layers=6, decoder_embed_dim=256, decoder_ffn_embed_dim=1024, decoder_attention_heads=4),
+    "tiny": dict(decoder_layers=4, decoder_embed_dim=128, decoder_ffn_embed_dim=512, decoder_attention_heads=4),
+}
+
+
+def register_sized_archs(model_name: str, model_defaults, **size_defaults: dict) -> None:
+    """Register ``MODEL_small`` and ``MODEL_tiny``: the decoder of
+    ``DECODER_SHAPES[size]`` and the flag defaults ``size_defaults[size]``, then
+    ``model_defaults(args)``; a flag given on the command line wins.
+    E.g. ``register_sized_archs("gptm_lm", gptm_defaults, tiny={"gptm_slots": 256})``."""
+    for size, shape in DECODER_SHAPES.items():
+        defaults = {**shape, **size_defaults.get(size, {})}
+
+        def arch(args, defaults=defaults):
+            for name, value in defaults.items():
+                if not hasattr(args, name):
+                    setattr(args, name, value)
+            model_defaults(args)
+
+        arch.__name__ = arch.__qualname__ = f"{model_name}_{size}"
+        register_model_architecture(model_name, arch.__name__)(arch)
 
 
 # -------------------------------------------------------------- validation

@@ -18,12 +18,10 @@ Per head, the layer computes two attentions and mixes them with a learned gate:
 Where a query found nothing in memory, ``g`` is 0 for it, so an empty memory
 gives plain local attention exactly.
 
-The gate bias ``b_h`` and the log-temperature are one scalar per head. Adam
-moves any parameter by about ``lr`` per update, so at a fine-tuning lr of 2e-4
-a gate bias stored as is could travel 0.2 in 1,000 updates: the gate would
-barely leave its initial 0.5. They are therefore stored divided by
-``memory_param_gain`` (a buffer saved with the checkpoint) and move that many
-times faster; ``gate_logits()`` and ``memory_scale()`` give their effective values.
+The gate bias ``b_h`` and the log-temperature are one scalar per head, both
+stored divided by ``memory_param_gain`` so that Adam moves them that many times
+faster (:mod:`~fairseq_memtrm.modules.gated_memory_attention`);
+``gate_logits()`` and ``memory_scale()`` give their effective values.
 
 Memory keys carry no position. A ``transformer_lm`` adds its (sinusoidal)
 positional embedding to the token embeddings, so the input of the first layer
@@ -36,8 +34,8 @@ the model in the binding; local attention and the values are unchanged.
 This is exact for layer 0, whose input is the embedding sum; a deeper layer's
 input mixes position into content, and there the option does not apply.
 
-The memory is bound for a forward pass (:meth:`KNNAugmentedAttention.bind`,
-called by the model's ``bind_memory``): a :class:`MemoryBinding` names the
+The memory is bound for a forward pass (``bind``, called by the model's
+``bind_memory``): a :class:`MemoryBinding` names the
 store, the tokens to write and what to record. Unbound, the layer is plain
 attention. Per segment the order is: (the model resets streams at
 ``doc_start``) then retrieve with this segment's queries, then add this
@@ -47,20 +45,18 @@ attention, never the memory.
 """
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from fairseq.modules import MultiheadAttention
 from torch import Tensor, nn
 
 from fairseq_memtrm.memory import MemoryStore, Retrieval
+from fairseq_memtrm.modules.gated_memory_attention import DEFAULT_MEMORY_PARAM_GAIN, GatedMemoryAttention
 
 MEMORY_PARAMETERS = ("memory_gate", "memory_log_scale")
 MEMORY_STATE = MEMORY_PARAMETERS + ("memory_param_gain", "memory_position_free")  # what a vanilla layer lacks
-DEFAULT_MEMORY_PARAM_GAIN = 50.0
 MEMORY_QUERIES = ("query", "key")  # which projection of a token queries the memory
 
 
@@ -90,41 +86,25 @@ class MemoryBinding:
     record: Optional[RetrievalRecord] = None  # set by the pass when recording and something was retrieved
 
 
-class KNNAugmentedAttention(MultiheadAttention):
+class KNNAugmentedAttention(GatedMemoryAttention):
     def __init__(self, embed_dim: int, num_heads: int, knn_k: int = 32, memory_gate_init: float = 0.0,
                  memory_scale_init: float = 20.0, memory_param_gain: float = DEFAULT_MEMORY_PARAM_GAIN,
                  memory_query: str = "query", position_free_keys: bool = False, **kwargs):
-        super().__init__(embed_dim, num_heads, self_attention=True, **kwargs)
-        if not memory_param_gain > 0:
-            raise ValueError(f"memory_param_gain must be positive, got {memory_param_gain}")
         if memory_query not in MEMORY_QUERIES:
             raise ValueError(f"memory_query must be one of {MEMORY_QUERIES}, got {memory_query!r}")
+        super().__init__(embed_dim, num_heads, memory_gate_init=memory_gate_init,
+                         memory_param_gain=memory_param_gain, **kwargs)
         self.knn_k = knn_k
         self.memory_query = memory_query
-        self.register_buffer("memory_param_gain", torch.tensor(float(memory_param_gain)))
         # Saved with the checkpoint: a model keeps the keys it was trained with.
         self.register_buffer("memory_position_free", torch.tensor(bool(position_free_keys)))
-        self.memory_gate = nn.Parameter(torch.full((num_heads,), float(memory_gate_init) / memory_param_gain))
         # Normalised q.k lies in [-1, 1]: the softmax over the k hits needs a high
         # temperature to single out the best match (at sqrt(head_dim) ~ 6 its weights
         # are near-uniform).
         self.memory_log_scale = nn.Parameter(
             torch.full((num_heads,), math.log(memory_scale_init) / memory_param_gain)
         )
-        self.binding: Optional[MemoryBinding] = None  # set by `bind` for a forward pass; None: plain attention
-
-    @contextmanager
-    def bind(self, binding: MemoryBinding) -> Iterator[MemoryBinding]:
-        """Read (and write) ``binding.memory`` in the forward passes inside the block."""
-        previous, self.binding = self.binding, binding
-        try:
-            yield binding
-        finally:
-            self.binding = previous
-
-    def gate_logits(self) -> Tensor:
-        """(H,) the effective gate biases b_h."""
-        return self.memory_gate * self.memory_param_gain
+        self.binding: Optional[MemoryBinding] = None
 
     def gate_values(self) -> Tensor:
         """(H,) the memory weight sigmoid(b_h) of each head (where memory found something)."""

@@ -17,19 +17,17 @@ until ``b_h`` moves (``tanh(0) = 0``, and the memory term is added after
 fairseq's own output, never recomputed). Rows whose memory is empty (a
 document's first segment) add nothing either. ``b_h`` is stored divided by
 ``memory_param_gain`` so that Adam moves it that many times faster (see
-``knn_attention.py``).
+``gated_memory_attention.py``).
 """
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from fairseq.modules import MultiheadAttention
-from torch import Tensor, nn
+from torch import Tensor
 
-from fairseq_memtrm.modules.knn_attention import DEFAULT_MEMORY_PARAM_GAIN
+from fairseq_memtrm.modules.gated_memory_attention import DEFAULT_MEMORY_PARAM_GAIN, GatedMemoryAttention
 
 SLOT_STATE = ("memory_gate", "memory_param_gain")  # what a vanilla layer lacks
 
@@ -42,28 +40,15 @@ class SlotBinding:
     active: Tensor  # (B,) bool: rows whose memory holds something (the others add nothing)
 
 
-class SlotAttention(MultiheadAttention):
+class SlotAttention(GatedMemoryAttention):
     def __init__(self, embed_dim: int, num_heads: int, memory_param_gain: float = DEFAULT_MEMORY_PARAM_GAIN,
                  **kwargs):
-        super().__init__(embed_dim, num_heads, self_attention=True, **kwargs)
-        if not memory_param_gain > 0:
-            raise ValueError(f"memory_param_gain must be positive, got {memory_param_gain}")
-        self.register_buffer("memory_param_gain", torch.tensor(float(memory_param_gain)))
-        self.memory_gate = nn.Parameter(torch.zeros(num_heads))
-        self.binding: Optional[SlotBinding] = None  # set by `bind` for a forward pass
-
-    @contextmanager
-    def bind(self, binding: SlotBinding) -> Iterator[SlotBinding]:
-        """Read ``binding.slots`` in the forward passes inside the block."""
-        previous, self.binding = self.binding, binding
-        try:
-            yield binding
-        finally:
-            self.binding = previous
+        super().__init__(embed_dim, num_heads, memory_gate_init=0.0, memory_param_gain=memory_param_gain, **kwargs)
+        self.binding: Optional[SlotBinding] = None  # read ``binding.slots`` inside ``bind``
 
     def gate_values(self) -> Tensor:
         """(H,) the memory weight tanh(b_h) of each head."""
-        return torch.tanh(self.memory_gate * self.memory_param_gain)
+        return torch.tanh(self.gate_logits())
 
     def read_slots(self, query: Tensor, binding: SlotBinding) -> Tensor:
         """(B, H, T, D) each head's attention over the slots, gated (zero where inactive)."""

@@ -35,7 +35,7 @@ import json
 import logging
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from fairseq import utils
@@ -45,6 +45,7 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 import torch
 
+from fairseq_memtrm.config_fields import option
 from fairseq_memtrm.data import DocumentDataset, DocumentStreamDataset
 from fairseq_memtrm.distributed import rank_and_world
 from fairseq_memtrm.errors import MemtrmUserError
@@ -56,27 +57,19 @@ STREAM_KEYS = ("doc_start", "stream_id")
 
 @dataclass
 class DocumentLMConfig(FairseqDataclass):
-    data: str = field(
-        default="???",
-        metadata={"help": "data-bin folder from scripts/prepare_data.py (dict.txt, train/valid/test .bin/.idx)"},
-    )
-    tokens_per_sample: int = field(
-        default=512, metadata={"help": "segment length: tokens each row reads per batch"}
-    )
+    data: str = option("???", "data-bin folder from scripts/prepare_data.py (dict.txt, train/valid/test .bin/.idx)")
+    tokens_per_sample: int = option(512, "segment length: tokens each row reads per batch")
     batch_size: Optional[int] = II("dataset.batch_size")
     max_tokens: Optional[int] = II("dataset.max_tokens")
     train_subset: str = II("dataset.train_subset")
     seed: int = II("common.seed")
     max_target_positions: Optional[int] = II("task.tokens_per_sample")
     # transformer_lm's config reads task.add_bos_token; documents start with </s>.
-    add_bos_token: bool = field(
-        default=False, metadata={"help": "unsupported by document_lm (documents start with </s>); keep False"}
-    )
-    stream_log: Optional[str] = field(
-        default=None,
-        metadata={"help": "write PREFIX.rankR.jsonl per rank: every training batch's documents, segments, loss "
-                          "and weight digest (for checking distributed runs and resumes)"},
-    )
+    add_bos_token: bool = option(False, "unsupported by document_lm (documents start with </s>); keep False")
+    stream_log: Optional[str] = option(
+        None,
+        "write PREFIX.rankR.jsonl per rank: every training batch's documents, segments, loss and weight digest (for "
+        "checking distributed runs and resumes)")
 
 
 def free_ram_bytes() -> int:

@@ -16,7 +16,7 @@ are never touched, and the choice of span is a deterministic function of
 """
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from fairseq.data import BaseWrapperDataset, data_utils
 from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 
+from fairseq_memtrm.config_fields import option
 from fairseq_memtrm.errors import MemtrmUserError
 
 logger = logging.getLogger(__name__)
@@ -74,11 +75,11 @@ class RepeatSpanDataset(BaseWrapperDataset):
 
 @dataclass
 class RepeatLMConfig(LanguageModelingConfig):
-    repeat_prob: float = field(
-        default=0.5, metadata={"help": "fraction of training blocks that get one repeated span (0: plain language_modeling)"}
-    )
-    repeat_min_len: int = field(default=8, metadata={"help": "shortest repeated span, in tokens"})
-    repeat_max_len: int = field(default=128, metadata={"help": "longest repeated span, in tokens (at most half a block)"})
+    repeat_prob: float = option(
+        0.5,
+        "fraction of training blocks that get one repeated span (0: plain language_modeling)")
+    repeat_min_len: int = option(8, "shortest repeated span, in tokens")
+    repeat_max_len: int = option(128, "longest repeated span, in tokens (at most half a block)")
 
 
 @register_task("repeat_lm", dataclass=RepeatLMConfig)
