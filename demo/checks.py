@@ -28,9 +28,9 @@ from typing import Dict, List, Optional
 import numpy as np
 
 
-from demo.checkpoint import DemoModel, load_demo_model  # noqa: E402
-from demo.report import build_report, token_details  # noqa: E402
-from fairseq_memtrm.errors import MemtrmUserError  # noqa: E402
+from demo.checkpoint import DemoModel, load_demo_model
+from demo.report import build_report, token_details
+from fairseq_memtrm.errors import MemtrmUserError
 
 SEGMENT, MEMORY, K = 512, 65536, 32
 

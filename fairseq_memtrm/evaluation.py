@@ -22,24 +22,33 @@ def perplexity(mean_loss) -> float:
     return math.exp(mean_loss) if mean_loss < 700 else math.inf
 
 
-def load(checkpoint, data, subset, tokens_per_sample, batch_size, overrides, cpu):
-    """Model and task exactly as ``fairseq-eval-lm --task document_lm`` builds them."""
-    if not os.path.isfile(checkpoint):
-        raise MemtrmUserError(f"checkpoint {checkpoint!r} not found; train it first (README, Quick start)")
-    argv = [data, "--user-dir", PACKAGE, "--task", "document_lm", "--path", checkpoint,
-            "--gen-subset", subset, "--tokens-per-sample", str(tokens_per_sample), "--batch-size", str(batch_size),
-            "--model-overrides", repr(overrides)]
+def load_task(data, subset, tokens_per_sample, batch_size, cpu, checkpoint=None, overrides=None):
+    """The ``document_lm`` task, with ``subset`` loaded, exactly as ``fairseq-eval-lm
+    --task document_lm`` builds it (no model is loaded)."""
+    argv = [data, "--user-dir", PACKAGE, "--task", "document_lm", "--gen-subset", subset,
+            "--tokens-per-sample", str(tokens_per_sample), "--batch-size", str(batch_size),
+            "--model-overrides", repr(overrides or {})]
+    if checkpoint is not None:
+        argv += ["--path", checkpoint]
     if cpu:
         argv.append("--cpu")
     args = options.parse_args_and_arch(options.get_eval_lm_parser(), argv)
     cfg = convert_namespace_to_omegaconf(args)
     utils.import_user_module(cfg.common)
     task = tasks.setup_task(cfg.task)
+    task.load_dataset(subset)
+    return task
+
+
+def load(checkpoint, data, subset, tokens_per_sample, batch_size, overrides, cpu):
+    """Model and task exactly as ``fairseq-eval-lm --task document_lm`` builds them."""
+    if not os.path.isfile(checkpoint):
+        raise MemtrmUserError(f"checkpoint {checkpoint!r} not found; train it first (README, Quick start)")
+    task = load_task(data, subset, tokens_per_sample, batch_size, cpu, checkpoint, overrides)
     models, _ = checkpoint_utils.load_model_ensemble([checkpoint], arg_overrides=overrides, task=task)
     model = models[0].eval()
     if torch.cuda.is_available() and not cpu:
         model = model.cuda()
-    task.load_dataset(subset)
     return model, task
 
 

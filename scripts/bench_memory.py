@@ -50,15 +50,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fairseq import options, tasks
+from fairseq.data import Dictionary
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+from fairseq_memtrm.memory import KNNMemory, MemoryStore, memory_bytes
+from fairseq_memtrm.memory.search import BACKENDS, parse_backend_spec
+from fairseq_memtrm.modules.knn_attention import MEMORY_STATE
+
 REPO = Path(__file__).resolve().parents[1]
-
-from fairseq import options, tasks  # noqa: E402
-from fairseq.data import Dictionary  # noqa: E402
-from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
-
-from fairseq_memtrm.memory import KNNMemory, MemoryStore, memory_bytes  # noqa: E402
-from fairseq_memtrm.memory.search import BACKENDS, parse_backend_spec  # noqa: E402
-from fairseq_memtrm.modules.knn_attention import MEMORY_STATE  # noqa: E402
 
 logger = logging.getLogger("bench_memory")
 BOOKS = REPO.parent / "shared" / "data" / "books"

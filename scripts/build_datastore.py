@@ -20,9 +20,9 @@ import logging
 import sys
 from pathlib import Path
 
-from fairseq_memtrm.errors import run_script  # noqa: E402
-from fairseq_memtrm.evaluation import load  # noqa: E402
-from fairseq_memtrm.testtime.knn_lm import build_datastore  # noqa: E402
+from fairseq_memtrm.errors import run_script
+from fairseq_memtrm.evaluation import load
+from fairseq_memtrm.testtime.knn_lm import build_datastore
 
 
 def main(argv=None):

@@ -20,8 +20,8 @@ import logging
 import os
 
 
-from fairseq_memtrm.diagnostics import copy_score, induction_scores, load_passages  # noqa: E402
-from fairseq_memtrm.errors import MemtrmUserError  # noqa: E402
+from fairseq_memtrm.diagnostics import copy_score, induction_scores, load_passages
+from fairseq_memtrm.errors import MemtrmUserError
 
 
 def main():

@@ -43,14 +43,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fairseq import progress_bar, utils  # noqa: E402
-from fairseq.data import Dictionary  # noqa: E402
+from fairseq import progress_bar, utils
+from fairseq.data import Dictionary
 
 from fairseq_memtrm.analysis import entries_hold_token, gains_by_token_type
-from fairseq_memtrm.diagnostics import copy_score, load_passages, plant_passage, planted_passage_loss  # noqa: E402
-from fairseq_memtrm.errors import MemtrmUserError  # noqa: E402
-from fairseq_memtrm.evaluation import gate_values, load, save_perplexity_plot, summarise  # noqa: E402
-from fairseq_memtrm.models.memory_model import MemoryModel  # noqa: E402
+from fairseq_memtrm.diagnostics import copy_score, load_passages, plant_passage, planted_passage_loss
+from fairseq_memtrm.errors import MemtrmUserError
+from fairseq_memtrm.evaluation import gate_values, load, save_perplexity_plot, summarise
+from fairseq_memtrm.models.memory_model import MemoryModel
 
 logger = logging.getLogger("eval_memory_sweep")
 

@@ -47,14 +47,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fairseq import utils  # noqa: E402
+from fairseq import utils
 
-from fairseq_memtrm.errors import run_script  # noqa: E402
-from fairseq_memtrm.diagnostics import planted_documents  # noqa: E402
-from fairseq_memtrm.evaluation import add_probe_arguments, gate_values, load, save_perplexity_plot, summarise  # noqa: E402
-from fairseq_memtrm.testtime import (CacheKNNLM, DynamicEvaluator, NeuralCache, StaticScorer, gradient_rms,  # noqa: E402
+from fairseq_memtrm.errors import run_script
+from fairseq_memtrm.diagnostics import planted_documents
+from fairseq_memtrm.evaluation import (
+    add_probe_arguments, gate_values, load, load_task, save_perplexity_plot, summarise,
+)
+from fairseq_memtrm.testtime import (CacheKNNLM, DynamicEvaluator, NeuralCache, StaticScorer, gradient_rms,
                                      planted_passage_losses, score_streams)
-from fairseq_memtrm.testtime.knn_lm import KNNLM  # noqa: E402
+from fairseq_memtrm.testtime.knn_lm import KNNLM
 
 logger = logging.getLogger("eval_testtime")
 
@@ -296,8 +298,7 @@ def probe_documents(args):
     """The planted-passage documents of ``--subset`` (None: no probe)."""
     if args.probe_gap <= 0:
         return None
-    _, task = load(args.checkpoint, args.data, args.subset, args.tokens_per_sample, args.batch_size,
-                   args.model_overrides, args.cpu)
+    task = load_task(args.data, args.subset, args.tokens_per_sample, args.batch_size, args.cpu)
     documents = planted_documents(task.dataset(args.subset), task.source_dictionary, args.probe_at, args.probe_gap,
                                   args.probe_length)
     if documents is None:

@@ -35,11 +35,11 @@ import torch
 import torch.nn.functional as F
 
 
-from fairseq import checkpoint_utils, options, tasks, utils  # noqa: E402
-from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
-from fairseq.trainer import Trainer  # noqa: E402
+from fairseq import checkpoint_utils, options, tasks, utils
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+from fairseq.trainer import Trainer
 
-from fairseq_memtrm.errors import MemtrmUserError  # noqa: E402
+from fairseq_memtrm.errors import MemtrmUserError
 
 logger = logging.getLogger("measure_staleness")
 TRAIN_STREAMS = "train"

@@ -54,7 +54,7 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from fairseq_memtrm.data.encoding import document_lines, line_pieces
-from fairseq_memtrm.errors import MemtrmUserError  # noqa: E402
+from fairseq_memtrm.errors import MemtrmUserError
 
 logger = logging.getLogger("prepare_data")
 
