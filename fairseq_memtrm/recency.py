@@ -70,7 +70,7 @@ def collate(streams: DocumentStreamDataset, rows: Sequence[Optional[Segment]]):
             sources.append(torch.tensor([streams.eos]))
             targets.append(torch.tensor([streams.pad]))
         else:
-            source, target = streams._row(*row)
+            source, target = streams.segment_tokens(*row)
             sources.append(source)
             targets.append(target)
     return data_utils.collate_tokens(sources, streams.pad), data_utils.collate_tokens(targets, streams.pad)

@@ -109,7 +109,8 @@ def run_order(order, args):
     result = train_and_measure(model, streams, batches, optimizer, lr_at, args.measure_every, seed=args.seed)
     valid = streams_of(task, "valid", args, shuffle=False)
     result["valid_loss"] = mean_loss(model, valid, args.valid_batches)
-    result["train_tokens"] = int(sum(streams._row(*row)[1].numel() for batch in batches for row in batch if row))
+    result["train_tokens"] = int(sum(streams.segment_tokens(*row)[1].numel()
+                                     for batch in batches for row in batch if row))
     logger.info("%s order: valid loss %.4f (ppl %.2f)", order, result["valid_loss"], np.exp(result["valid_loss"]))
     return result
 

@@ -150,7 +150,7 @@ class DocumentStreamDataset(torch.utils.data.Dataset):
         return range(self.shard_id * self.batch_size, (self.shard_id + 1) * self.batch_size)
 
     # -------------------------------------------------------------- items
-    def _row(self, doc: int, segment: int):
+    def segment_tokens(self, doc: int, segment: int):
         """(source, target) of one segment, both (L,)."""
         start = segment * self.tokens_per_sample
         end = min(start + self.tokens_per_sample, int(self.documents.sizes[doc]))
@@ -177,7 +177,7 @@ class DocumentStreamDataset(torch.utils.data.Dataset):
                 doc_ids.append(-1)
                 segments.append(-1)
             else:
-                source, target = self._row(*where)
+                source, target = self.segment_tokens(*where)
                 sources.append(source)
                 targets.append(target)
                 doc_ids.append(where[0])
