@@ -120,17 +120,41 @@ def plant_passage(document: torch.Tensor, passage: torch.Tensor, first_at: int, 
     return torch.cat([document[:first_at], passage, document[first_at : first_at + gap - length], passage])
 
 
-def planted_documents(dataset, dictionary, first_at: int, gap: int, length: int, seed: int = 1):
+#: The kinds of planted passage: ``random``, uniform random tokens (nothing but a copy
+#: predicts them, and nothing like them is in the training data); ``text``, a span of
+#: another document of the same split (natural text, predictable from this document
+#: only by copying).
+PROBE_PASSAGES = ("random", "text")
+#: Where a report keeps each kind's losses.
+PROBE_KEYS = {"random": "planted_passage", "text": "planted_text"}
+
+
+def planted_documents(dataset, dictionary, first_at: int, gap: int, length: int, seed: int = 1,
+                      passage: str = "random"):
     """(B, N) every document of ``dataset`` long enough for the planted-passage probe
-    (:func:`plant_passage`), each with its own random passage, the same for every
-    caller with the same ``seed``; None where no document is long enough."""
+    (:func:`plant_passage`), each with its own passage of kind ``passage``
+    (:data:`PROBE_PASSAGES`; ``text``: from the next document, in order, that is
+    long enough), the same for every caller with the same ``seed``; None where no
+    document is long enough (or, for ``text``, no other document holds a passage)."""
+    if passage not in PROBE_PASSAGES:
+        raise MemtrmUserError(f"the planted passage must be one of {', '.join(PROBE_PASSAGES)}, got {passage!r}")
     need = first_at + gap - length
     generator = torch.Generator().manual_seed(seed)
+    count = len(dataset)
     planted = []
-    for doc in range(len(dataset)):
-        passage = torch.randint(dictionary.nspecial, len(dictionary), (length,), generator=generator)
-        if dataset.size(doc) >= need:
-            planted.append(plant_passage(dataset[doc], passage, first_at, gap))
+    for doc in range(count):
+        if passage == "random":  # drawn for every document, so that each keeps its passage
+            tokens = torch.randint(dictionary.nspecial, len(dictionary), (length,), generator=generator)
+        if dataset.size(doc) < need:
+            continue
+        if passage == "text":
+            source = next((other % count for other in range(doc + 1, doc + count)
+                           if dataset.size(other % count) > length), None)
+            if source is None:
+                return None
+            start = int(torch.randint(0, dataset.size(source) - length, (1,), generator=generator))
+            tokens = dataset[source][start : start + length]
+        planted.append(plant_passage(dataset[doc], tokens, first_at, gap))
     return torch.stack(planted) if planted else None
 
 

@@ -5,11 +5,13 @@ per-head memory gates, and one run's summary row."""
 
 import math
 import os
+from typing import List, Optional
 
 import torch
 from fairseq import checkpoint_utils, options, tasks, utils
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
+from fairseq_memtrm.diagnostics import PROBE_PASSAGES
 from fairseq_memtrm.errors import MemtrmUserError
 from fairseq_memtrm.models.memory_model import MemoryModel
 
@@ -96,7 +98,40 @@ def save_perplexity_plot(fig, ax, report, path) -> None:
 def add_probe_arguments(parser):
     """The planted-passage probe's flags (:func:`fairseq_memtrm.diagnostics.planted_documents`)."""
     parser.add_argument("--probe-gap", type=int, default=30000,
-                        help="planted-passage probe: a random passage at --probe-at of every document long enough, "
+                        help="planted-passage probe: a passage at --probe-at of every document long enough, "
                         "and again this many tokens later; the loss on each copy is reported (0: no probe)")
     parser.add_argument("--probe-at", type=int, default=1000, help="where the probe's first copy starts")
     parser.add_argument("--probe-length", type=int, default=40, help="the probe passage's length in tokens")
+    parser.add_argument("--probe-passages", default=",".join(PROBE_PASSAGES),
+                        help="comma-separated kinds of planted passage, each probed on its own: random (uniform "
+                        "random tokens) and text (a span of another document of the split: natural text that only "
+                        "a copy predicts)")
+
+
+def probe_passages(args) -> List[str]:
+    """The kinds of ``--probe-passages``, checked; [] when the probe is off."""
+    kinds = [kind.strip() for kind in args.probe_passages.split(",") if kind.strip()]
+    unknown = [kind for kind in kinds if kind not in PROBE_PASSAGES]
+    if unknown:
+        raise MemtrmUserError(f"--probe-passages takes {', '.join(PROBE_PASSAGES)}; got {', '.join(unknown)}")
+    return kinds if args.probe_gap > 0 else []
+
+
+PASSAGE_WORDS = {"random": "uniform random tokens", "text": "a span of another document of the split"}
+
+
+def planted_settings(probes: dict, args) -> Optional[dict]:
+    """What a report keeps of its planted-passage probes ({kind: documents (B, N)}); None: none ran."""
+    if not probes:
+        return None
+    return {"at": args.probe_at, "gap": args.probe_gap, "length": args.probe_length,
+            "documents": {kind: int(documents.size(0)) for kind, documents in probes.items()}}
+
+
+def planted_note(probe: dict) -> str:
+    """One sentence that says what the planted-passage columns of a report measured."""
+    documents = probe["documents"] if isinstance(probe["documents"], dict) else {"random": probe["documents"]}
+    kinds = "; ".join(f"{kind}: {PASSAGE_WORDS[kind]} ({count} documents)" for kind, count in documents.items())
+    return (f"Planted passages: {probe['length']} tokens written at token {probe['at']} of each document long enough "
+            f"and again {probe['gap']:,} tokens later ({kinds}); mean loss in nats on each copy, its first token "
+            "excluded.")

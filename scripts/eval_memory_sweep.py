@@ -47,9 +47,13 @@ from fairseq import progress_bar, utils
 from fairseq.data import Dictionary
 
 from fairseq_memtrm.analysis import entries_hold_token, gains_by_token_type
-from fairseq_memtrm.diagnostics import copy_score, load_passages, plant_passage, planted_passage_loss
+from fairseq_memtrm.diagnostics import (
+    PROBE_KEYS, PROBE_PASSAGES, copy_score, load_passages, planted_documents, planted_passage_loss,
+)
 from fairseq_memtrm.errors import MemtrmUserError
-from fairseq_memtrm.evaluation import gate_values, load, save_perplexity_plot, summarise
+from fairseq_memtrm.evaluation import (
+    add_probe_arguments, gate_values, load, load_task, planted_note, probe_passages, save_perplexity_plot, summarise,
+)
 from fairseq_memtrm.models.memory_model import MemoryModel
 
 logger = logging.getLogger("eval_memory_sweep")
@@ -173,23 +177,19 @@ def vanilla_copy_score(model, task, args):
     return {"span": span, "passages": 16, **result}
 
 
-def planted_documents(task, args):
-    """(B, N) every document of the split long enough for the planted-passage probe,
-    each with its own random passage (the same on every run), or None."""
-    if args.probe_gap <= 0:
-        return None
-    dataset, dictionary = task.dataset(args.subset), task.source_dictionary
-    need = args.probe_at + args.probe_gap - args.probe_length
-    generator = torch.Generator().manual_seed(1)
-    planted = []
-    for doc in range(len(dataset)):
-        passage = torch.randint(dictionary.nspecial, len(dictionary), (args.probe_length,), generator=generator)
-        if dataset.size(doc) >= need:
-            planted.append(plant_passage(dataset[doc], passage, args.probe_at, args.probe_gap))
-    if not planted:
-        logger.warning("no planted-passage probe: no %s document has %d tokens", args.subset, need)
-        return None
-    return torch.stack(planted)
+def build_probes(task, args):
+    """{kind of passage: (B, N) the planted-passage documents of the split} for
+    ``--probe-passages`` (:func:`fairseq_memtrm.diagnostics.planted_documents`)."""
+    probes = {}
+    for kind in probe_passages(args):
+        documents = planted_documents(task.dataset(args.subset), task.source_dictionary, args.probe_at,
+                                      args.probe_gap, args.probe_length, passage=kind)
+        if documents is None:
+            logger.warning("no planted %s passage probe: no %s document has %d tokens (or none other to take it "
+                           "from)", kind, args.subset, args.probe_at + args.probe_gap - args.probe_length)
+        else:
+            probes[kind] = documents
+    return probes
 
 
 def biggest_gains(without, with_memory, dictionary, top=25, min_count=5):
@@ -229,6 +229,18 @@ class RunCache:
             scored = {k: arrays[k] for k in arrays.files}
         return json.loads(row_file.read_text()), scored
 
+    def get_probe(self, kind, name, checkpoint, size, overrides):
+        """The losses of a planted-passage probe of ``kind`` on this run, or None."""
+        path = self.folder / f"{self._key(name, checkpoint, size, overrides)}.probe-{kind}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def put_probe(self, kind, name, checkpoint, size, overrides, losses):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{self._key(name, checkpoint, size, overrides)}.probe-{kind}.json"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(losses))
+        os.replace(tmp, path)
+
     def put(self, name, checkpoint, size, overrides, row, scored, extra):
         """``extra``: what the report needs besides the row (keys with None values are dropped)."""
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -264,14 +276,18 @@ def write_outputs(out, report):
         lines += ["", "top-1 holds next: share of (head, token) retrievals whose best entry is the token to predict "
                   f"(what its value carries); that token occurs earlier in its document for {max(ceiling):.0%} "
                   "of tokens."]
-    probed = [r for r in report["runs"] if "planted_passage" in r]
-    if probed:
-        probe = report["planted_passage"]
-        lines += ["", f"Planted passage: {probe['length']} random tokens at token {probe['at']} of each of "
-                  f"{probe['documents']} documents and again {probe['gap']:,} tokens later; mean loss (nats):", "",
-                  "| run | eval memory | first copy | second copy |", "|---|---:|---:|---:|"]
-        lines += [f"| {r['name']} | {r['memory_size']} | {r['planted_passage']['first_copy_loss']:.3f} | "
-                  f"{r['planted_passage']['second_copy_loss']:.3f} |" for r in probed]
+    probe = report.get("planted_passage")
+    keys = [(kind, PROBE_KEYS[kind]) for kind in PROBE_PASSAGES]
+    probed = [r for r in report["runs"] if any(key in r for _, key in keys)]
+    if probe and probed:
+        kinds = [(kind, key) for kind, key in keys if any(key in r for r in probed)]
+        lines += ["", planted_note(probe), "",
+                  "| run | eval memory | " + " | ".join(f"{kind}: 1st copy | {kind}: 2nd copy" for kind, _ in kinds)
+                  + " |", "|---|---:|" + "---:|---:|" * len(kinds)]
+        for r in probed:
+            cells = [f"{r[key]['first_copy_loss']:.3f} | {r[key]['second_copy_loss']:.3f}" if key in r else "- | -"
+                     for _, key in kinds]
+            lines.append(f"| {r['name']} | {r['memory_size']} | " + " | ".join(cells) + " |")
     for gains, between in (("biggest_gains", "gains_between"), ("gptm_gains", "gptm_gains_between")):
         if report.get(gains):
             lines += ["", f"Token types that gain most from memory ({report[between]}):", "",
@@ -320,11 +336,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=4, help="streams evaluated side by side")
     parser.add_argument("--far-position", type=int, default=8192,
                         help="also report perplexity on tokens at least this far into their document")
-    parser.add_argument("--probe-gap", type=int, default=30000,
-                        help="planted-passage probe: a random passage at --probe-at of every document long enough, "
-                        "and again this many tokens later; the loss on each copy is reported (0: no probe)")
-    parser.add_argument("--probe-at", type=int, default=1000, help="where the probe's first copy starts")
-    parser.add_argument("--probe-length", type=int, default=40, help="the probe passage's length in tokens")
+    add_probe_arguments(parser)
     parser.add_argument("--title", default="perplexity vs memory size")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--cpu", action="store_true")
@@ -345,50 +357,66 @@ def main(argv=None):
         checkpoint = getattr(args, flag[2:].replace("-", "_"))
         if checkpoint:
             plan += [(name, checkpoint, each) for each in (sizes if size == SWEEP else [size])]
-    runs, scored_by_size, vanilla_copy, planted, planted_built, planted_count = [], {}, None, None, False, None
+    runs, scored_by_size, vanilla_copy = [], {}, None
     scored_by_run = {}  # the runs GPTm's per-token gains are measured between
+    probes, probe_counts = None, {}  # {kind: planted documents}, built once; {kind: how many}
     cache = RunCache(Path(args.out) / "cache", args)
     for name, checkpoint, size in plan:
         overrides = {"memory_size": size} if size is not None else {}
         if name == "longmem" and args.longmem_backbone:
             overrides["backbone_checkpoint"] = os.path.abspath(args.longmem_backbone)
+        model = task = None
         cached = cache.get(name, checkpoint, size, overrides)
         if cached is not None:
             row, scored = cached
             logger.info("%s memory %s: ppl %.3f (cached in %s)", name, size, row["ppl"], cache.folder)
             vanilla_copy = row.pop("vanilla_copy_score", vanilla_copy)
-            planted_count = row.pop("planted_documents", planted_count)
-            runs.append(row)
-            if name == "paper-memory":
-                scored_by_size[size] = scored
-            if name in GAIN_RUNS:
-                scored_by_run[name] = scored
-            continue
-        logger.info("evaluating %s (%s) with memory size %s", name, checkpoint, size)
-        model, task = load(checkpoint, args.data, args.subset, args.tokens_per_sample, args.batch_size,
-                           overrides, args.cpu)
-        start = time.perf_counter()
-        scored = score(model, task, args.subset, args.tokens_per_sample, args.batch_size, args.far_position,
-                       args.log_format)
-        bank = getattr(model, "memory_bank", None)
-        row = summarise(name, checkpoint, size if size is not None else getattr(bank, "memory_size", 0), scored,
-                        time.perf_counter() - start, args.far_position, gate_values(model))
-        row["memory_mb_per_stream"] = round(bank.bytes_per_stream() / 2**20, 2) if bank is not None else 0.0
-        logger.info("%s memory %s: ppl %.3f (past %d: %s) over %d tokens", name, size, row["ppl"],
-                    args.far_position, row["ppl_past_far_position"], row["tokens"])
-        if name == "vanilla":
-            vanilla_copy = vanilla_copy_score(model, task, args)
-        if not planted_built:  # built once, from the first evaluated run's task
-            planted, planted_built = planted_documents(task, args), True
-            planted_count = planted.size(0) if planted is not None else None
-        if planted is not None:
-            row["planted_passage"] = {k: round(v, 4) for k, v in planted_passage_loss(
-                model, planted, args.probe_at, args.probe_gap, args.probe_length, args.tokens_per_sample).items()}
-            logger.info("%s memory %s: planted passage %s", name, size, row["planted_passage"])
+            legacy_count = row.pop("planted_documents", None)  # rows that kept the random probe themselves
+        else:
+            logger.info("evaluating %s (%s) with memory size %s", name, checkpoint, size)
+            model, task = load(checkpoint, args.data, args.subset, args.tokens_per_sample, args.batch_size,
+                               overrides, args.cpu)
+            start = time.perf_counter()
+            scored = score(model, task, args.subset, args.tokens_per_sample, args.batch_size, args.far_position,
+                           args.log_format)
+            bank = getattr(model, "memory_bank", None)
+            row = summarise(name, checkpoint, size if size is not None else getattr(bank, "memory_size", 0), scored,
+                            time.perf_counter() - start, args.far_position, gate_values(model))
+            row["memory_mb_per_stream"] = round(bank.bytes_per_stream() / 2**20, 2) if bank is not None else 0.0
+            logger.info("%s memory %s: ppl %.3f (past %d: %s) over %d tokens", name, size, row["ppl"],
+                        args.far_position, row["ppl_past_far_position"], row["tokens"])
+            if name == "vanilla":
+                vanilla_copy = vanilla_copy_score(model, task, args)
+            cache.put(name, checkpoint, size, overrides, row, scored,
+                      {"vanilla_copy_score": vanilla_copy if name == "vanilla" else None})
+            legacy_count = None
+        kinds = probe_passages(args)
+        for kind in PROBE_PASSAGES:  # each probe is cached on its own, so a new kind runs alone
+            key = PROBE_KEYS[kind]
+            legacy = row.pop(key, None)
+            if kind not in kinds:
+                continue
+            found = cache.get_probe(kind, name, checkpoint, size, overrides)
+            if found is None and legacy is not None and legacy_count is not None:
+                found = dict(legacy, documents=legacy_count)
+            if found is None:
+                if probes is None:
+                    probes = build_probes(task or load_task(args.data, args.subset, args.tokens_per_sample,
+                                                             args.batch_size, args.cpu), args)
+                if kind not in probes:
+                    continue
+                if model is None:
+                    model, task = load(checkpoint, args.data, args.subset, args.tokens_per_sample, args.batch_size,
+                                       overrides, args.cpu)
+                found = {k: round(v, 4) for k, v in planted_passage_loss(
+                    model, probes[kind], args.probe_at, args.probe_gap, args.probe_length,
+                    args.tokens_per_sample).items()}
+                found["documents"] = probes[kind].size(0)
+                cache.put_probe(kind, name, checkpoint, size, overrides, found)
+                logger.info("%s memory %s: planted %s passage %s", name, size, kind, found)
+            probe_counts[kind] = found.pop("documents")
+            row[key] = found
         runs.append(row)
-        cache.put(name, checkpoint, size, overrides, row, scored,
-                  {"vanilla_copy_score": vanilla_copy if name == "vanilla" else None,
-                   "planted_documents": planted_count})
         if name == "paper-memory":
             scored_by_size[size] = scored
         if name in GAIN_RUNS:
@@ -407,9 +435,9 @@ def main(argv=None):
         "runs": runs,
         "vanilla_copy_score": vanilla_copy,
     }
-    if planted_count is not None:
-        report["planted_passage"] = {"documents": planted_count, "at": args.probe_at, "gap": args.probe_gap,
-                                     "length": args.probe_length}
+    if probe_counts:
+        report["planted_passage"] = {"at": args.probe_at, "gap": args.probe_gap, "length": args.probe_length,
+                                     "documents": probe_counts}
     with_memory = [s for s in sizes if s > 0]
     if 0 in scored_by_size and with_memory:
         largest = max(with_memory)

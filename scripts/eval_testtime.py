@@ -50,9 +50,10 @@ import torch
 from fairseq import utils
 
 from fairseq_memtrm.errors import run_script
-from fairseq_memtrm.diagnostics import planted_documents
+from fairseq_memtrm.diagnostics import PROBE_KEYS, planted_documents
 from fairseq_memtrm.evaluation import (
-    add_probe_arguments, gate_values, load, load_task, save_perplexity_plot, summarise,
+    add_probe_arguments, gate_values, load, load_task, planted_note, planted_settings, probe_passages,
+    save_perplexity_plot, summarise,
 )
 from fairseq_memtrm.testtime import (CacheKNNLM, DynamicEvaluator, NeuralCache, StaticScorer, gradient_rms,
                                      planted_passage_losses, score_streams)
@@ -242,7 +243,7 @@ def run_lambdas(name):
     return [float(x) for x in name.split("lambda=")[1].split(",")] if "lambda=" in name else []
 
 
-def run_method(method, args, point, subset, max_batches, probe=None):
+def run_method(method, args, point, subset, max_batches, probes=None):
     """Score ``subset`` with one grid point of ``method``: one row per run (per lambda)."""
     model, task = load(args.checkpoint, args.data, subset, args.tokens_per_sample, args.batch_size,
                        args.model_overrides, args.cpu)
@@ -256,10 +257,9 @@ def run_method(method, args, point, subset, max_batches, probe=None):
     wall = time.perf_counter() - start
     if extra is None:
         extra = scorer.extra_bytes()
-    planted = {}
-    if probe is not None:
-        planted = planted_passage_losses(scorer, probe, args.probe_at, args.probe_gap, args.probe_length,
-                                         args.tokens_per_sample, args.batch_size, task.target_dictionary.pad())
+    planted = {kind: planted_passage_losses(scorer, documents, args.probe_at, args.probe_gap, args.probe_length,
+                                            args.tokens_per_sample, args.batch_size, task.target_dictionary.pad())
+               for kind, documents in (probes or {}).items()}
     rows = []
     for name, tokens in scored.items():
         memory_size = getattr(getattr(model, "memory_bank", None), "memory_size", 0)
@@ -272,12 +272,12 @@ def run_method(method, args, point, subset, max_batches, probe=None):
         lambdas = run_lambdas(name)
         if lambdas:
             row["settings"]["lambda"] = lambdas[0] if len(lambdas) == 1 else lambdas
-        if name in planted:
-            row["planted_passage"] = {k: round(v, 4) for k, v in planted[name].items()}
+        for kind, losses in planted.items():
+            row[PROBE_KEYS[kind]] = {k: round(v, 4) for k, v in losses[name].items()}
         logger.info("%s: ppl %.3f (past %d: %s) over %d tokens, %.0f tokens/s, extra memory %.1f MB%s", full_name,
                     row["ppl"], args.far_position, row["ppl_past_far_position"], row["tokens"],
                     row["tokens_per_second"], row["extra_memory_mb"],
-                    f", planted passage {row['planted_passage']}" if "planted_passage" in row else "")
+                    "".join(f", planted {kind} passage {row[PROBE_KEYS[kind]]}" for kind in planted))
         rows.append(row)
     return rows, point
 
@@ -295,16 +295,21 @@ def chosen_point(method, rows_with_points):
 
 
 def probe_documents(args):
-    """The planted-passage documents of ``--subset`` (None: no probe)."""
-    if args.probe_gap <= 0:
-        return None
+    """{kind of passage: the planted-passage documents of ``--subset``} ({}: no probe)."""
+    kinds = probe_passages(args)
+    if not kinds:
+        return {}
     task = load_task(args.data, args.subset, args.tokens_per_sample, args.batch_size, args.cpu)
-    documents = planted_documents(task.dataset(args.subset), task.source_dictionary, args.probe_at, args.probe_gap,
-                                  args.probe_length)
-    if documents is None:
-        logger.warning("no planted-passage probe: no %s document has %d tokens", args.subset,
-                       args.probe_at + args.probe_gap - args.probe_length)
-    return documents
+    probes = {}
+    for kind in kinds:
+        documents = planted_documents(task.dataset(args.subset), task.source_dictionary, args.probe_at,
+                                      args.probe_gap, args.probe_length, passage=kind)
+        if documents is None:
+            logger.warning("no planted %s passage probe: no %s document has %d tokens (or none other to take "
+                           "it from)", kind, args.subset, args.probe_at + args.probe_gap - args.probe_length)
+        else:
+            probes[kind] = documents
+    return probes
 
 
 def write_outputs(out: Path, report):
@@ -315,19 +320,19 @@ def write_outputs(out: Path, report):
              f"`{report['checkpoint']}` on `{report['data']}` {report['subset']}: {report['batch_size']} streams of "
              f"{report['tokens_per_sample']}-token segments"
              + (f", the first {report['max_batches']} segments of each" if report["max_batches"] else "") + ".", "",
-             f"| run | ppl | ppl past {far} | planted 2nd copy (nats) | tokens | tok/s | extra memory (MB) | settings |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+             f"| run | ppl | ppl past {far} | planted random: 1st / 2nd copy | planted text: 1st / 2nd copy | tokens "
+             "| tok/s | extra memory (MB) | settings |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for row in report["runs"]:
         past = f"{row['ppl_past_far_position']:.2f}" if row["ppl_past_far_position"] else "-"
-        planted = f"{row['planted_passage']['second_copy_loss']:.3f}" if "planted_passage" in row else "-"
+        planted = [f"{row[key]['first_copy_loss']:.3f} / {row[key]['second_copy_loss']:.3f}" if key in row else "-"
+                   for key in (PROBE_KEYS["random"], PROBE_KEYS["text"])]
         settings = ", ".join(f"{k} {v}" for k, v in row["settings"].items()) or "-"
-        lines.append(f"| {row['name']} | {row['ppl']:.2f} | {past} | {planted} | {row['tokens']} | "
+        lines.append(f"| {row['name']} | {row['ppl']:.2f} | {past} | {planted[0]} | {planted[1]} | {row['tokens']} | "
                      f"{row['tokens_per_second']:.0f} | {row['extra_memory_mb']:.1f} | {settings} |")
     probe = report.get("planted_passage")
     if probe:
-        lines += ["", f"Planted passage: {probe['length']} random tokens at token {probe['at']} of each of "
-                  f"{probe['documents']} documents and again {probe['gap']:,} tokens later; the table gives the mean "
-                  "loss on the second copy (first token excluded)."]
+        lines += ["", planted_note(probe)]
     tuning = report.get("tuning")
     if tuning:
         lines += ["", f"Hyperparameters tuned on {tuning['subset']}"
@@ -359,7 +364,7 @@ def main(argv=None):
     logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO,
                         stream=sys.stdout)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
-    probe = probe_documents(args)
+    probes = probe_documents(args)
     runs, tuning = [], None
     if args.tune_subset is not None:
         tuning = {"subset": args.tune_subset, "max_batches": args.tune_batches, "runs": [], "chosen": {}}
@@ -376,7 +381,7 @@ def main(argv=None):
             logger.info("%s: chose %s on %s (ppl %.3f)", method, best["settings"], args.tune_subset, best["ppl"])
             points = [point]
         for point in points:
-            rows, _ = run_method(method, args, point, args.subset, args.max_batches, probe)
+            rows, _ = run_method(method, args, point, args.subset, args.max_batches, probes)
             runs += rows
     report = {
         "title": args.title,
@@ -388,8 +393,7 @@ def main(argv=None):
         "batch_size": args.batch_size,
         "max_batches": args.max_batches,
         "far_position": args.far_position,
-        "planted_passage": None if probe is None else {"documents": probe.size(0), "at": args.probe_at,
-                                                       "gap": args.probe_gap, "length": args.probe_length},
+        "planted_passage": planted_settings(probes, args),
         "tuning": tuning,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
                    f"{torch.__version__}, {'cuda' if torch.cuda.is_available() and not args.cpu else 'cpu'}",

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from fairseq_memtrm.diagnostics import in_context_score, plant_passage, planted_passage_loss
+from fairseq_memtrm.diagnostics import in_context_score, plant_passage, planted_documents, planted_passage_loss
 from fairseq_memtrm.errors import MemtrmUserError
 
 V = 50
@@ -32,6 +32,49 @@ def test_plant_passage_writes_two_copies_gap_apart():
     assert planted.tolist() == list(range(100, 105)) + [7, 8, 9] + list(range(105, 122)) + [7, 8, 9]
     with pytest.raises(MemtrmUserError, match="cannot hold"):
         plant_passage(document[:10], passage, 5, 20)
+
+
+class Documents:
+    """A split of documents as fairseq's datasets give them: ``size(i)`` and ``[i]``."""
+
+    def __init__(self, documents):
+        self.documents = documents
+
+    def __len__(self):
+        return len(self.documents)
+
+    def size(self, index):
+        return len(self.documents[index])
+
+    def __getitem__(self, index):
+        return self.documents[index]
+
+
+class Vocabulary:
+    nspecial = 4
+
+    def __len__(self):
+        return V
+
+
+def test_planted_documents_take_random_tokens_or_a_span_of_the_next_long_document():
+    split = Documents([torch.arange(0, 40) % V, torch.arange(100, 105) % V, torch.arange(200, 260) % V])
+    random = planted_documents(split, Vocabulary(), first_at=3, gap=20, length=6)
+    assert random.shape == (2, 3 + 20 + 6)  # the 5-token document is too short to hold both copies
+    generator = torch.Generator().manual_seed(1)
+    draws = [torch.randint(4, V, (6,), generator=generator) for _ in range(3)]  # one per document, short or not
+    assert torch.equal(random[0], plant_passage(split[0], draws[0], 3, 20))
+    assert torch.equal(random[1], plant_passage(split[2], draws[2], 3, 20))
+    assert torch.equal(planted_documents(split, Vocabulary(), 3, 20, 6), random)  # the same for every caller
+    text = planted_documents(split, Vocabulary(), first_at=3, gap=20, length=6, passage="text")
+    for row, (doc, source) in enumerate([(0, 2), (2, 0)]):  # document 1 is too short to lend 6 tokens either
+        passage = text[row, 3:9]
+        assert torch.equal(text[row], plant_passage(split[doc], passage, 3, 20))
+        starts = [i for i in range(split.size(source) - 5) if torch.equal(split[source][i : i + 6], passage)]
+        assert starts, "the passage is a span of the next document long enough"
+    assert planted_documents(Documents([split[0]]), Vocabulary(), 3, 20, 6, passage="text") is None
+    with pytest.raises(MemtrmUserError, match="must be one of random, text"):
+        planted_documents(split, Vocabulary(), 3, 20, 6, passage="words")
 
 
 def test_planted_passage_loss_scores_each_copy_but_its_first_token():

@@ -99,15 +99,19 @@ def test_sweep_report_has_every_run_with_finite_numbers(chain):
     assert (work / "results" / "memory_sweep.png").stat().st_size > 10_000
     assert "| paper-memory | 256 |" in (work / "results" / "memory_sweep.md").read_text()
     probe = report["planted_passage"]  # every test document holds a passage at 20 and at 320
-    assert probe == {"documents": 3, "at": 20, "gap": 300, "length": 8}
+    assert probe == {"documents": {"random": 3, "text": 3}, "at": 20, "gap": 300, "length": 8}
     for row in report["runs"]:
-        losses = row["planted_passage"]
-        assert math.isfinite(losses["first_copy_loss"]) and math.isfinite(losses["second_copy_loss"])
+        for key in ("planted_passage", "planted_text"):  # random tokens; a span of another document
+            losses = row[key]
+            assert math.isfinite(losses["first_copy_loss"]) and math.isfinite(losses["second_copy_loss"])
     # without memory, a copy 300 tokens (5 segments) back is out of reach: both copies cost alike
     no_memory = runs[("paper-memory", 0)]["planted_passage"]
     assert no_memory["second_copy_loss"] == pytest.approx(no_memory["first_copy_loss"], rel=0.2)
-    assert "Planted passage: 8 random tokens at token 20 of each of 3 documents" in \
-        (work / "results" / "memory_sweep.md").read_text()
+    # natural text is cheaper than random tokens for a model trained on text, in either copy
+    assert runs[("vanilla", 0)]["planted_text"]["first_copy_loss"] < no_memory["first_copy_loss"]
+    table = (work / "results" / "memory_sweep.md").read_text()
+    assert "Planted passages: 8 tokens written at token 20" in table and "text: a span of another document" in table
+    assert "| random: 1st copy | random: 2nd copy | text: 1st copy | text: 2nd copy |" in table
 
 
 def test_a_rerun_sweep_reads_every_finished_run_from_its_cache(chain):

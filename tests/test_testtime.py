@@ -384,9 +384,11 @@ def test_cli_runs_every_method_on_real_documents(prepared_data_bin, checkpoints,
     assert "| vanilla |" in table and "| cache lambda=0.3 |" in table
     assert (out / "testtime.png").stat().st_size > 5_000
     # the planted passage (70 tokens apart: beyond a 32-token segment) is scored by every run
-    assert report["planted_passage"]["gap"] == 70 and report["planted_passage"]["documents"] >= 1
+    assert report["planted_passage"]["gap"] == 70 and report["planted_passage"]["documents"]["random"] >= 1
+    assert report["planted_passage"]["documents"]["text"] == report["planted_passage"]["documents"]["random"]
     for row in runs.values():
         assert math.isfinite(row["planted_passage"]["second_copy_loss"])
+        assert math.isfinite(row["planted_text"]["second_copy_loss"])
     assert runs["cache lambda=0"]["planted_passage"] == runs["vanilla"]["planted_passage"]
     # the cache finds the first copy: the second is cheaper with it
     assert (runs["cache lambda=0.3"]["planted_passage"]["second_copy_loss"]
@@ -431,6 +433,7 @@ def test_cli_dynamic_evaluation_of_a_memorizing_checkpoint(prepared_data_bin, ch
     (["--methods", "vanilla,knnlm2"], "--methods: unknown ['knnlm2']"),
     (["--cache-lambda", "1.5"], "--cache-lambda takes values in [0, 1)"),
     (["--dyneval-decay", "2"], "--dyneval-decay must be at most 1"),
+    (["--probe-passages", "random,words"], "--probe-passages takes random, text; got words"),
 ])
 def test_cli_bad_input_is_one_sentence_and_exit_2(prepared_data_bin, checkpoints, tmp_path, flags, message):
     methods = [] if "--methods" in flags else ["--methods", "cache" if "--cache-lambda" in flags else "dyneval"]
