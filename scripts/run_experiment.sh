@@ -17,7 +17,10 @@
 #        TRAIN_MEMORY (65536), SWEEP_SIZES, SWEEP_SUBSET (test), EVAL_BATCH_SIZE (4), STEPS,
 #        CKPT (checkpoints), RESULTS (results),
 #        MEMORY_LAYERS (default: the vanilla's induction layer, below), GATE_INIT (-3: the memory
-#        fine-tunes start with memory gates sigmoid(-3) = 0.05, so close to the vanilla)
+#        fine-tunes start with memory gates sigmoid(-3) = 0.05, so close to the vanilla),
+#        MEMORY_PARAM_GAIN (500: the kNN memory's gates and temperatures move 500 times faster
+#        than the other weights; at the model's default, 50, the gates could travel at most
+#        ~0.5 in logit over the 400 updates: docs/results.md)
 # The kNN memory extends one layer's attention, so it can copy only through a layer
 # whose heads copy: unless MEMORY_LAYERS is given, the memory fine-tunes put it at the
 # vanilla's induction layer (the layer of its strongest induction head, measured by
@@ -41,7 +44,7 @@ if [ -z "${MEMORY_LAYERS:-}" ] && { step memory || step copying-memory; }; then
     MEMORY_LAYERS=$(induction_layer)
     echo "run_experiment.sh: memory at layer $MEMORY_LAYERS, the vanilla's induction layer (set MEMORY_LAYERS to override)"
 fi
-export MEMORY_LAYERS GATE_INIT=${GATE_INIT:--3}
+export MEMORY_LAYERS GATE_INIT=${GATE_INIT:--3} MEMORY_PARAM_GAIN=${MEMORY_PARAM_GAIN:-500}
 step memory && timed memory "${FINETUNE[@]}" scripts/finetune_memory.sh "$DATA" "$VANILLA" "$CKPT/memory"
 step control && timed control "${FINETUNE[@]}" MEMORY_SIZE=0 scripts/finetune_memory.sh "$DATA" "$VANILLA" "$CKPT/control"
 step copying-memory && timed copying-memory "${FINETUNE[@]}" scripts/finetune_memory.sh "$DATA" "$VANILLA" \
