@@ -158,7 +158,9 @@ start_finetune() {
 # A whole fine-tuning script: its arguments (finetune_arguments), the checks and
 # options (start_finetune), then fairseq-train on --task document_lm with the
 # model's own arguments, the checkpoint given by FROM_FLAG, the shared budget and
-# the user's extra arguments (last, so they win).
+# the user's extra arguments (last, so they win). MEMORY_PARAM_GAIN, when set, is
+# every memory model's --memory-param-gain (how much faster than the other weights
+# Adam moves the memory gates).
 #   finetune FROM_FLAG MODEL_ARGS... -- "$@"
 finetune() {
     local from_flag=$1 model=()
@@ -168,7 +170,8 @@ finetune() {
     finetune_arguments "$@"
     start_finetune "$DATA" "$FROM" "$SAVE" "$from_flag"
     exec "$BIN/fairseq-train" "$DATA" --user-dir fairseq_memtrm --task document_lm --dropout "$DROPOUT" \
-        "${model[@]}" "$from_flag" "$FROM" "${FINETUNE_OPTIONS[@]}" "${EXTRA_ARGS[@]}"
+        "${model[@]}" ${MEMORY_PARAM_GAIN:+--memory-param-gain "$MEMORY_PARAM_GAIN"} "$from_flag" "$FROM" \
+        "${FINETUNE_OPTIONS[@]}" "${EXTRA_ARGS[@]}"
 }
 
 # The comparison scripts (run_experiment.sh, compare_longmem.sh) take the same arguments:

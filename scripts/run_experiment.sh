@@ -18,9 +18,9 @@
 #        CKPT (checkpoints), RESULTS (results),
 #        MEMORY_LAYERS (default: the vanilla's induction layer, below), GATE_INIT (-3: the memory
 #        fine-tunes start with memory gates sigmoid(-3) = 0.05, so close to the vanilla),
-#        MEMORY_PARAM_GAIN (500: the kNN memory's gates and temperatures move 500 times faster
-#        than the other weights; at the model's default, 50, the gates could travel at most
-#        ~0.5 in logit over the 400 updates: docs/results.md)
+#        MEMORY_PARAM_GAIN (500: every memory model's gates move 500 times faster than the
+#        other weights; at the models' default, 50, a gate could travel at most ~0.5 in logit
+#        over the 400 updates: docs/results.md)
 # The kNN memory extends one layer's attention, so it can copy only through a layer
 # whose heads copy: unless MEMORY_LAYERS is given, the memory fine-tunes put it at the
 # vanilla's induction layer (the layer of its strongest induction head, measured by

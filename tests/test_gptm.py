@@ -257,10 +257,12 @@ def test_finetune_gptm_sh_from_a_vanilla_then_the_sweep(prepared_data_bin, tmp_p
     run_command("bash", "scripts/train_vanilla.sh", prepared_data_bin, tmp_path / "vanilla", env=env)
     vanilla = tmp_path / "vanilla" / "checkpoint_last.pt"
     run_command("bash", "scripts/finetune_gptm.sh", prepared_data_bin, vanilla, tmp_path / "gptm",
-                env={**env, "GPTM_SLOTS": "128", "SKETCH_SIZE": "16"})
+                env={**env, "GPTM_SLOTS": "128", "SKETCH_SIZE": "16", "MEMORY_PARAM_GAIN": "300"})
     checkpoint = tmp_path / "gptm" / "checkpoint_last.pt"
     state = torch.load(checkpoint, weights_only=False, map_location="cpu")
     assert state["cfg"]["model"]["_name"] == "gptm_lm" and state["model"]["gptm_addresses"].shape == (128, 256)
+    assert state["cfg"]["model"]["memory_param_gain"] == 300  # MEMORY_PARAM_GAIN reaches every fine-tune
+    assert state["model"]["decoder.layers.3.self_attn.memory_param_gain"].item() == 300
     run_command(BIN / "python", "scripts/eval_memory_sweep.py", prepared_data_bin, "--gptm-checkpoint", checkpoint, "--vanilla-checkpoint", vanilla,
                 "--tokens-per-sample", "64", "--batch-size", "2", "--probe-gap", "200", "--probe-at", "20",
                 "--probe-length", "10", "--out", tmp_path / "sweep", "--cpu", "--log-format", "none", env=env)

@@ -306,10 +306,11 @@ def test_longmem_checkpoint_trains_and_evaluates_with_fairseq_eval_lm(prepared_d
     backbone = tmp_path / "backbone.pt"
     shutil.copy(vanilla_checkpoint, backbone)
     train = run("bash", "scripts/finetune_longmem.sh", prepared_data_bin, backbone, tmp_path / "longmem",
-                env={**ENV, "MEMORY_SIZE": "512", "CHUNK_SIZE": "4"})
+                env={**ENV, "MEMORY_SIZE": "512", "CHUNK_SIZE": "4", "MEMORY_PARAM_GAIN": "300"})
     assert "num. trained:" in train.stdout + train.stderr
     side = tmp_path / "longmem" / "checkpoint_last.pt"
     state = torch.load(side, weights_only=False, map_location="cpu")
+    assert state["cfg"]["model"]["memory_param_gain"] == 300  # MEMORY_PARAM_GAIN reaches every fine-tune
     assert not any(k.startswith("decoder.backbone.") for k in state["model"])
     assert state["cfg"]["model"]["backbone_checkpoint"] == str(backbone.resolve())
 
