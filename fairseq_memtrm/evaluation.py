@@ -3,6 +3,7 @@ scripts that score held-out documents (``eval_memory_sweep.py``, ``eval_testtime
 ``build_datastore.py``): loading a checkpoint with ``--model-overrides``, the
 per-head memory gates, and one run's summary row."""
 
+import logging
 import math
 import os
 from typing import List, Optional
@@ -11,10 +12,11 @@ import torch
 from fairseq import checkpoint_utils, options, tasks, utils
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
-from fairseq_memtrm.diagnostics import PROBE_PASSAGES
+from fairseq_memtrm.diagnostics import PROBE_PASSAGES, planted_documents
 from fairseq_memtrm.errors import MemtrmUserError
 from fairseq_memtrm.models.memory_model import MemoryModel
 
+logger = logging.getLogger(__name__)
 PACKAGE = os.path.dirname(os.path.abspath(__file__))  # the --user-dir
 
 
@@ -106,6 +108,22 @@ def add_probe_arguments(parser):
                         help="comma-separated kinds of planted passage, each probed on its own: random (uniform "
                         "random tokens) and text (a span of another document of the split: natural text that only "
                         "a copy predicts)")
+
+
+def planted_probes(task, args) -> dict:
+    """{kind of passage: (B, N) the planted-passage documents of ``args.subset``} for
+    ``--probe-passages`` (:func:`fairseq_memtrm.diagnostics.planted_documents`); a kind
+    that no document can hold is left out, with a warning."""
+    probes = {}
+    for kind in probe_passages(args):
+        documents = planted_documents(task.dataset(args.subset), task.source_dictionary, args.probe_at,
+                                      args.probe_gap, args.probe_length, passage=kind)
+        if documents is None:
+            logger.warning("no planted %s passage probe: no %s document has %d tokens (or none other to take it "
+                           "from)", kind, args.subset, args.probe_at + args.probe_gap - args.probe_length)
+        else:
+            probes[kind] = documents
+    return probes
 
 
 def probe_passages(args) -> List[str]:

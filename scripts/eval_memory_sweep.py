@@ -48,11 +48,12 @@ from fairseq.data import Dictionary
 
 from fairseq_memtrm.analysis import entries_hold_token, gains_by_token_type
 from fairseq_memtrm.diagnostics import (
-    PROBE_KEYS, PROBE_PASSAGES, copy_score, load_passages, planted_documents, planted_passage_loss,
+    PROBE_KEYS, PROBE_PASSAGES, copy_score, load_passages, planted_passage_loss,
 )
 from fairseq_memtrm.errors import MemtrmUserError
 from fairseq_memtrm.evaluation import (
-    add_probe_arguments, gate_values, load, load_task, planted_note, probe_passages, save_perplexity_plot, summarise,
+    add_probe_arguments, gate_values, load, load_task, planted_note, planted_probes, probe_passages,
+    save_perplexity_plot, summarise,
 )
 from fairseq_memtrm.models.memory_model import MemoryModel
 
@@ -175,21 +176,6 @@ def vanilla_copy_score(model, task, args):
     result = {k: round(v, 4) for k, v in copy_score(model, passages).items()}
     logger.info("vanilla copy score (16 passages of %d tokens, shown twice): %s", span, result)
     return {"span": span, "passages": 16, **result}
-
-
-def build_probes(task, args):
-    """{kind of passage: (B, N) the planted-passage documents of the split} for
-    ``--probe-passages`` (:func:`fairseq_memtrm.diagnostics.planted_documents`)."""
-    probes = {}
-    for kind in probe_passages(args):
-        documents = planted_documents(task.dataset(args.subset), task.source_dictionary, args.probe_at,
-                                      args.probe_gap, args.probe_length, passage=kind)
-        if documents is None:
-            logger.warning("no planted %s passage probe: no %s document has %d tokens (or none other to take it "
-                           "from)", kind, args.subset, args.probe_at + args.probe_gap - args.probe_length)
-        else:
-            probes[kind] = documents
-    return probes
 
 
 def biggest_gains(without, with_memory, dictionary, top=25, min_count=5):
@@ -401,8 +387,9 @@ def main(argv=None):
                 found = dict(legacy, documents=legacy_count)
             if found is None:
                 if probes is None:
-                    probes = build_probes(task or load_task(args.data, args.subset, args.tokens_per_sample,
-                                                             args.batch_size, args.cpu), args)
+                    task = task or load_task(args.data, args.subset, args.tokens_per_sample, args.batch_size,
+                                             args.cpu)
+                    probes = planted_probes(task, args)
                 if kind not in probes:
                     continue
                 if model is None:

@@ -50,9 +50,10 @@ import torch
 from fairseq import utils
 
 from fairseq_memtrm.errors import run_script
-from fairseq_memtrm.diagnostics import PROBE_KEYS, planted_documents
+from fairseq_memtrm.diagnostics import PROBE_KEYS
 from fairseq_memtrm.evaluation import (
-    add_probe_arguments, gate_values, load, load_task, planted_note, planted_settings, probe_passages,
+    add_probe_arguments, gate_values, load, load_task, planted_note, planted_probes, planted_settings,
+    probe_passages,
     save_perplexity_plot, summarise,
 )
 from fairseq_memtrm.testtime import (CacheKNNLM, DynamicEvaluator, NeuralCache, StaticScorer, gradient_rms,
@@ -296,20 +297,9 @@ def chosen_point(method, rows_with_points):
 
 def probe_documents(args):
     """{kind of passage: the planted-passage documents of ``--subset``} ({}: no probe)."""
-    kinds = probe_passages(args)
-    if not kinds:
+    if not probe_passages(args):
         return {}
-    task = load_task(args.data, args.subset, args.tokens_per_sample, args.batch_size, args.cpu)
-    probes = {}
-    for kind in kinds:
-        documents = planted_documents(task.dataset(args.subset), task.source_dictionary, args.probe_at,
-                                      args.probe_gap, args.probe_length, passage=kind)
-        if documents is None:
-            logger.warning("no planted %s passage probe: no %s document has %d tokens (or none other to take "
-                           "it from)", kind, args.subset, args.probe_at + args.probe_gap - args.probe_length)
-        else:
-            probes[kind] = documents
-    return probes
+    return planted_probes(load_task(args.data, args.subset, args.tokens_per_sample, args.batch_size, args.cpu), args)
 
 
 def write_outputs(out: Path, report):
