@@ -14,13 +14,18 @@ import torch
 from fairseq_memtrm.errors import MemtrmUserError
 
 
+def model_device(model) -> torch.device:
+    """Where ``model``'s weights are (the CPU for a model without parameters)."""
+    parameters = getattr(model, "parameters", None)
+    first = next(parameters(), None) if parameters is not None else None
+    return first.device if first is not None else torch.device("cpu")
+
+
 def copy_score(model, passages: torch.Tensor) -> dict:
     """passages: (N, S) token ids. Mean loss (nats) on each copy of ``P P``, the
     first token of each copy excluded, and their difference ``copy_gain``."""
     span = passages.size(1)
-    parameters = getattr(model, "parameters", None)
-    first = next(parameters(), None) if parameters is not None else None
-    tokens = torch.cat([passages, passages], dim=1).to(first.device if first is not None else "cpu")
+    tokens = torch.cat([passages, passages], dim=1).to(model_device(model))
     with torch.no_grad():
         logits = model(tokens)[0].float()
     nll = -torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
@@ -36,9 +41,7 @@ def in_context_score(model, segments: torch.Tensor, early: int = 50, late: int =
     later in its context, i.e. it uses what it has read."""
     if segments.size(1) <= late:
         raise MemtrmUserError(f"the in-context score needs segments of more than {late} tokens")
-    parameters = getattr(model, "parameters", None)
-    first = next(parameters(), None) if parameters is not None else None
-    tokens = segments.to(first.device if first is not None else "cpu")
+    tokens = segments.to(model_device(model))
     with torch.no_grad():
         logits = model(tokens)[0].float()
     # the loss "at token t" predicts token t (0-based) from the t tokens before it
@@ -55,9 +58,7 @@ def induction_scores(model, passages: torch.Tensor) -> torch.Tensor:
     the same attention. ``passages``: (N, S); the model: a fairseq decoder whose layers
     have ``self_attn`` with ``q_proj``/``k_proj`` (attention recomputed from them)."""
     span = passages.size(1)
-    parameters = getattr(model, "parameters", None)
-    first = next(parameters(), None) if parameters is not None else None
-    tokens = torch.cat([passages, passages], dim=1).to(first.device if first is not None else "cpu")
+    tokens = torch.cat([passages, passages], dim=1).to(model_device(model))
     layers = model.decoder.layers
     scores, hooks = [None] * len(layers), []
 
@@ -166,9 +167,7 @@ def planted_passage_loss(model, documents: torch.Tensor, first_at: int, gap: int
     model has one) reset at the start. Mean loss (nats) on each copy of the passage,
     the first token of each copy excluded: a token ``gap`` tokens back is out of the
     local context, so only a memory can make the second copy cheaper than the first."""
-    parameters = getattr(model, "parameters", None)
-    first = next(parameters(), None) if parameters is not None else None
-    documents = documents.to(first.device if first is not None else "cpu")
+    documents = documents.to(model_device(model))
     bsz, total = documents.shape
     nll = torch.zeros(bsz, total, device=documents.device)  # nll[:, i]: loss of token i
     for start in range(0, total - 1, tokens_per_sample):

@@ -14,6 +14,8 @@ import torch
 from fairseq import progress_bar, utils
 from torch import Tensor
 
+from fairseq_memtrm.diagnostics import model_device
+
 logger = logging.getLogger(__name__)
 
 
@@ -65,8 +67,7 @@ def score_streams(scorer, task, subset: str, batch_size: int, tokens_per_sample:
                                          prefix=f"{subset} ({total} batches)", default_log_format="tqdm")
     pad = task.target_dictionary.pad()
     kept: Dict[str, Dict[str, list]] = {}
-    model = getattr(scorer, "model", None)
-    device = next(model.parameters()).device if model is not None else torch.device("cpu")
+    device = model_device(getattr(scorer, "model", None))
     for index, sample in enumerate(progress):
         if max_batches is not None and index >= max_batches:
             break
@@ -122,8 +123,7 @@ def planted_passage_losses(scorer, documents: Tensor, first_at: int, gap: int, l
     read as streams from their start (every scorer resets at ``doc_start``). Returns
     ``{run name: {"first_copy_loss", "second_copy_loss"}}``, mean nats over the tokens
     of each copy, the first token of each copy excluded."""
-    model = getattr(scorer, "model", None)
-    device = next(model.parameters()).device if model is not None else torch.device("cpu")
+    device = model_device(getattr(scorer, "model", None))
     count, total = documents.shape
     losses: Dict[str, Tensor] = {}
     for first_row, sample in planted_samples(documents, tokens_per_sample, batch_size, pad):
