@@ -212,6 +212,7 @@ def test_empty_memory_and_a_fresh_finetune_give_the_vanillas_logits(data_dir, tm
     ("--gptm-bptt-segments", "-1", "--gptm-bptt-segments must be >= 0"),
     ("--gptm-decay", "0", "--gptm-decay must be in"),
     ("--gptm-layers", "7", "--memory-layers"),
+    ("--memory-param-gain", "0", "--memory-param-gain must be positive, got 0.0"),
 ])
 def test_bad_flags_get_one_sentence(data_dir, flag, value, message):
     with pytest.raises(MemtrmUserError, match=re.escape(message)):

@@ -1,6 +1,8 @@
 """memorizing_transformer_lm: vanilla checkpoints load, empty memory changes nothing,
 memory is per stream and per document, and incompatibilities get clear errors."""
 
+import re
+
 import pytest
 import torch
 
@@ -19,6 +21,12 @@ def data_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("dict")
     write_dictionary(path)
     return path
+
+
+@pytest.mark.parametrize("arch", ["memorizing_transformer_lm_tiny", "longmem_sidenet_lm_tiny"])
+def test_a_gate_gain_that_is_not_positive_is_one_sentence(data_dir, arch):
+    with pytest.raises(MemtrmUserError, match=re.escape("--memory-param-gain must be positive, got -5.0")):
+        build_model(data_dir, arch, ["--memory-param-gain", "-5"])
 
 
 def test_default_memory_layer_is_three_quarters_deep():

@@ -55,6 +55,7 @@ from fairseq_memtrm.models.memory_model import (
     MemoryGateConfig,
     MemoryModel,
     check_compatible,
+    check_gate_options,
     decoder_layer_with,
     fill_defaults,
     parse_memory_layers,
@@ -90,6 +91,7 @@ class GPTmConfig(MemoryGateConfig, TransformerLanguageModelConfig):
 
 def check_gptm_options(args) -> None:
     """One sentence per bad value, before anything is built."""
+    check_gate_options(args)
     if args.gptm_slots < 1:
         raise MemtrmUserError(f"--gptm-slots must be >= 1, got {args.gptm_slots}")
     if not 1 <= args.gptm_sketch_size <= args.gptm_slots:

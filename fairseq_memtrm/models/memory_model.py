@@ -112,9 +112,16 @@ def register_sized_archs(model_name: str, model_defaults, **size_defaults: dict)
 
 
 # -------------------------------------------------------------- validation
+def check_gate_options(args) -> None:
+    """The flag of :class:`MemoryGateConfig`, checked before anything is built."""
+    if not args.memory_param_gain > 0:
+        raise MemtrmUserError(f"--memory-param-gain must be positive, got {args.memory_param_gain}")
+
+
 def check_memory_options(args) -> None:
     """The shared flags, checked before anything is built; ``--knn-k`` beyond the
     memory size is clamped to it (no memory can return more than it holds)."""
+    check_gate_options(args)
     parse_backend_spec(args.memory_backend)  # a clear error for a bad name or option
     if args.memory_size < 0:
         raise MemtrmUserError(f"--memory-size must be >= 0, got {args.memory_size}")
