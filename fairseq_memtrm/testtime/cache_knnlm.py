@@ -13,7 +13,6 @@ compute). One run per pair of ``cache_lambdas`` x
 ``knnlm_lambdas`` whose sum is below 1, all from one pass.
 """
 
-import math
 from typing import Dict, List, Tuple
 
 import torch
@@ -21,18 +20,16 @@ from torch import Tensor
 
 from fairseq_memtrm.errors import MemtrmUserError
 
-
-def _log(weight: float) -> float:
-    return math.log(weight) if weight > 0 else float("-inf")
+from .neural_cache import log_weight
 
 
 def mix3(model_nll: Tensor, cache_logp: Tensor, has_cache: Tensor, knn_logp: Tensor,
          lambda_cache: float, lambda_knn: float) -> Tensor:
     """-log p of the three-way mixture (module docstring); every argument (B, T)."""
     with_cache = torch.logsumexp(torch.stack([
-        _log(1 - lambda_cache - lambda_knn) - model_nll, _log(lambda_cache) + cache_logp,
-        _log(lambda_knn) + knn_logp]), dim=0)
-    without = torch.logaddexp(_log(1 - lambda_knn) - model_nll, _log(lambda_knn) + knn_logp)
+        log_weight(1 - lambda_cache - lambda_knn) - model_nll, log_weight(lambda_cache) + cache_logp,
+        log_weight(lambda_knn) + knn_logp]), dim=0)
+    without = torch.logaddexp(log_weight(1 - lambda_knn) - model_nll, log_weight(lambda_knn) + knn_logp)
     return -torch.where(has_cache, with_cache, without)
 
 

@@ -53,10 +53,14 @@ class CacheScores:
     entry_positions: Tensor  # (B, T, k + T) document positions of the entries summed over; -1 = none
 
 
+def log_weight(weight: float) -> float:
+    """log of a mixture weight, -inf for 0 (a component with no weight adds nothing)."""
+    return math.log(weight) if weight > 0 else float("-inf")
+
+
 def mix(model_nll: Tensor, cache_logp: Tensor, has_cache: Tensor, lam: float) -> Tensor:
     """-log((1 - lam) p_model + lam p_cache), and -log p_model where there is no cache."""
-    mixed = torch.logaddexp(math.log1p(-lam) - model_nll,
-                            (math.log(lam) if lam > 0 else float("-inf")) + cache_logp)
+    mixed = torch.logaddexp(math.log1p(-lam) - model_nll, log_weight(lam) + cache_logp)
     return torch.where(has_cache, -mixed, model_nll)
 
 
