@@ -13,8 +13,15 @@ For each memory size (default 8K / 65K / 262K tokens) and each backend
 * memory RAM: the estimate the plugin checks before training
   (``memory_bytes``), the process's RSS growth while the memory is filled, the
   process's peak RSS, and whether 4 streams of each size fit in 24 GiB;
+* evaluation throughput (forward only, the memory searched and written every
+  segment, as ``fairseq-eval-lm`` reads a document) with a full memory, against
+  the vanilla model's;
 * a torch profile of the memorizing step (``--profile-size``), labelled
   ``knn_memory.search`` / ``knn_memory.add``, showing where the time goes.
+
+``--streams B`` measures every figure for a batch of B streams (each stream its
+own memory, all holding the captured keys), as a fine-tune with ``--batch-size B``
+runs; the compute bound is then B times one stream's.
 
 Keys and queries are real: the script first trains the model (8 heads x 32
 dims by default, byte-level tokens, ``--train-updates`` Adam steps on
@@ -71,6 +78,8 @@ def parse_args():
     parser.add_argument("--backends", default=",".join(sorted(BACKENDS)), help="comma-separated backends")
     parser.add_argument("--segment", type=int, default=512, help="tokens per segment (queries per search)")
     parser.add_argument("--knn-k", type=int, default=32, help="entries retrieved per query and head")
+    parser.add_argument("--streams", type=int, default=1,
+                        help="streams (batch rows) per search, step and evaluation; each has its own full memory")
     parser.add_argument("--layers", type=int, default=6, help="decoder layers")
     parser.add_argument("--embed-dim", type=int, default=256, help="model width")
     parser.add_argument("--heads", type=int, default=8, help="attention heads (head_dim = embed_dim / heads)")
@@ -102,6 +111,8 @@ def parse_args():
     args.hnsw_ef = [int(n) for n in args.hnsw_ef.split(",") if n]
     for spec in args.backends + [args.profile_backend]:
         parse_backend_spec(spec)  # a clear error for an unknown backend or option
+    if args.streams < 1:
+        parser.error("--streams must be at least 1")
     if args.embed_dim % args.heads:
         parser.error("--embed-dim must be a multiple of --heads")
     return args
@@ -307,20 +318,32 @@ def capture_queries(model, document: bytes, num_tokens: int, segment: int, count
 
 
 def fill(memory: MemoryStore, keys: torch.Tensor, values: torch.Tensor, chunk: int = 8192) -> None:
-    """Write ``keys``/``values`` (H, N, D) into stream 0 of ``memory``, in chunks."""
+    """Write ``keys``/``values`` (H, N, D) into every stream of ``memory``, in chunks."""
+    streams = memory.num_streams
     for start in range(0, keys.size(1), chunk):
-        memory.add(keys[None, :, start : start + chunk], values[None, :, start : start + chunk])
+        memory.add(keys[None, :, start : start + chunk].expand(streams, -1, -1, -1),
+                   values[None, :, start : start + chunk].expand(streams, -1, -1, -1))
+
+
+def compute_bound_s(queries: torch.Tensor, memory_size: int, args) -> float:
+    """The search's matmul alone at this machine's sgemm rate: 2 * B * T * N * H * D flops."""
+    heads, seq_len, head_dim = queries.shape
+    return 2 * args.streams * seq_len * memory_size * heads * head_dim / (args.gflops * 1e9)
 
 
 # ------------------------------------------------------------- measurements
 def bench_naive(captured, memory_size: int, args) -> Dict:
     """The reference point: one ``q @ K.T`` score matrix per head, then ``topk``."""
     keys, queries = captured["keys"][:, :memory_size], captured["queries"]
-    heads, _, head_dim = keys.shape
-    search_s = median_time(lambda: torch.bmm(queries, keys.transpose(1, 2)).topk(args.knn_k, dim=-1),
-                           args.repeats, args.warmup)
-    return {"memory_size": memory_size, "backend": "naive", "options": {}, "search_s": search_s,
-            "compute_bound_s": 2 * queries.size(1) * memory_size * heads * head_dim / (args.gflops * 1e9),
+    heads = keys.size(0)
+
+    def search():
+        for _ in range(args.streams):
+            torch.bmm(queries, keys.transpose(1, 2)).topk(args.knn_k, dim=-1)
+
+    return {"memory_size": memory_size, "backend": "naive", "options": {}, "streams": args.streams,
+            "search_s": median_time(search, args.repeats, args.warmup),
+            "compute_bound_s": compute_bound_s(queries, memory_size, args),
             "estimated_bytes_per_stream": 4 * heads * queries.size(1) * memory_size, "rss_growth_bytes": 0,
             "recall": 1.0}
 
@@ -336,9 +359,10 @@ def bench_search(captured, memory_size: int, backend: str, args, exact=None) -> 
     heads, _, head_dim = keys.shape
     gc.collect()
     rss_before = current_rss()
-    memory = KNNMemory(1, heads, head_dim, memory_size, args.memory_dtype, backend)
+    memory = KNNMemory(args.streams, heads, head_dim, memory_size, args.memory_dtype, backend)
     fill(memory, keys[:, :memory_size], values[:, :memory_size])
-    memory.search(queries[None], args.knn_k)  # builds an index where the backend keeps one
+    batch = queries[None].expand(args.streams, -1, -1, -1)
+    memory.search(batch, args.knn_k)  # builds an index where the backend keeps one
     rss_growth = current_rss() - rss_before
     attribute, values_option = SEARCH_SETTINGS.get(backend, (None, None))  # a bare name only
     settings = [{attribute: value} for value in getattr(args, values_option)] if attribute else [{}]
@@ -346,18 +370,18 @@ def bench_search(captured, memory_size: int, backend: str, args, exact=None) -> 
     for backend_options in settings:
         for name, value in backend_options.items():
             setattr(memory.backend, name, value)
-        search = lambda: memory.search(queries[None], args.knn_k)  # noqa: E731
+        search = lambda: memory.search(batch, args.knn_k)  # noqa: E731
         result = {
-            "memory_size": memory_size, "backend": backend, "options": backend_options,
+            "memory_size": memory_size, "backend": backend, "options": backend_options, "streams": args.streams,
             "search_s": median_time(search, args.repeats, args.warmup),
-            "compute_bound_s": 2 * queries.size(1) * memory_size * heads * head_dim / (args.gflops * 1e9),
+            "compute_bound_s": compute_bound_s(queries, memory_size, args),
             "estimated_bytes_per_stream": memory_bytes(memory_size, heads, head_dim, args.memory_dtype, backend),
             "rss_growth_bytes": rss_growth,
             "recall": 1.0,  # exact backends: tests/test_search_backends.py checks equality
         }
         if exact is None or parse_backend_spec(backend)[0].approximate:
             # every query segment, scored by what it finds
-            result["scores"] = [memory.search(segment[None], args.knn_k).scores[0]
+            result["scores"] = [memory.search(segment[None].expand(args.streams, -1, -1, -1), args.knn_k).scores[0]
                                 for segment in captured["query_segments"]]
         if exact is not None and parse_backend_spec(backend)[0].approximate:
             # Real keys repeat (the same context gives the same key), so the k-th
@@ -385,9 +409,10 @@ def interleaved_medians(first, second, repeats: int, warmup: int) -> Tuple[float
 
 def full_bank(model, captured, memory_size: int, backend: str):
     """A bank like the model's, of ``memory_size`` tokens searched by ``backend``, whose
-    stream set "bench" (one stream) holds the first ``memory_size`` captured keys."""
+    stream set "bench" (``--streams`` streams) holds the first ``memory_size`` captured keys in every stream."""
     bank = model.memory_bank.resized(memory_size, backend)
-    memories = bank.select("bench", 1, torch.ones(1, dtype=torch.bool), captured["segment_tokens"].device)
+    streams = captured["batch_tokens"].size(0)
+    memories = bank.select("bench", streams, torch.ones(streams, dtype=torch.bool), captured["batch_tokens"].device)
     for memory in memories.values():
         fill(memory, captured["keys"][:, :memory_size], captured["values"][:, :memory_size])
     return bank
@@ -406,30 +431,53 @@ def training_step(model, tokens: torch.Tensor, **net_input):
 
 
 def bench_step(model, vanilla, captured, memory_size: int, backend: str, args) -> Dict:
-    """Training step time with a full memory vs the vanilla model, same segment,
+    """Training step time with a full memory vs the vanilla model, same segments,
     timed alternately."""
-    tokens = captured["segment_tokens"]
+    tokens = captured["batch_tokens"]
     bank = full_bank(model, captured, memory_size, backend)
     model.train()
     vanilla.train()
-    memorizing_step = training_step(model, tokens, doc_start=torch.zeros(1, dtype=torch.bool), stream_id="bench",
-                                    memory_bank=bank)
+    memorizing_step = training_step(model, tokens, doc_start=torch.zeros(tokens.size(0), dtype=torch.bool),
+                                    stream_id="bench", memory_bank=bank)
     step_s, vanilla_s = interleaved_medians(memorizing_step, training_step(vanilla, tokens), args.repeats,
                                             args.warmup)
-    return {"memory_size": memory_size, "backend": backend, "step_s": step_s, "vanilla_step_s": vanilla_s,
-            "relative_to_vanilla": step_s / vanilla_s}
+    return {"memory_size": memory_size, "backend": backend, "streams": tokens.size(0), "step_s": step_s,
+            "vanilla_step_s": vanilla_s, "relative_to_vanilla": step_s / vanilla_s}
+
+
+def bench_eval(model, vanilla, captured, memory_size: int, backend: str, args) -> Dict:
+    """Evaluation throughput (forward only, no gradient) with a full memory that is
+    searched and written every segment, against the vanilla model, timed alternately."""
+    tokens = captured["batch_tokens"][:, :-1]
+    bank = full_bank(model, captured, memory_size, backend)
+    model.eval()
+    vanilla.eval()
+    doc_start = torch.zeros(tokens.size(0), dtype=torch.bool)
+
+    @torch.no_grad()
+    def memorizing():
+        model(tokens, doc_start=doc_start, stream_id="bench", memory_bank=bank)
+
+    @torch.no_grad()
+    def plain():
+        vanilla(tokens)
+
+    eval_s, vanilla_s = interleaved_medians(memorizing, plain, args.repeats, args.warmup)
+    return {"memory_size": memory_size, "backend": backend, "streams": tokens.size(0),
+            "eval_tokens_per_s": tokens.numel() / eval_s, "vanilla_eval_tokens_per_s": tokens.numel() / vanilla_s,
+            "tokens_per_s_relative_to_vanilla": vanilla_s / eval_s}
 
 
 def vanilla_step_time(vanilla, captured, args) -> float:
     vanilla.train()
-    return median_time(training_step(vanilla, captured["segment_tokens"]), args.repeats, args.warmup)
+    return median_time(training_step(vanilla, captured["batch_tokens"]), args.repeats, args.warmup)
 
 
 def profile_step(model, captured, args) -> Dict:
     """torch profile of memorizing steps: where the time goes."""
     from torch.profiler import ProfilerActivity, profile
 
-    tokens = captured["segment_tokens"]
+    tokens = captured["batch_tokens"]
     bank = full_bank(model, captured, args.profile_size, args.profile_backend)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
     model.train()
@@ -437,7 +485,7 @@ def profile_step(model, captured, args) -> Dict:
     def step():
         optimizer.zero_grad()
         with torch.profiler.record_function("forward"):
-            loss = lm_loss(model, tokens, doc_start=torch.zeros(1, dtype=torch.bool), stream_id="bench",
+            loss = lm_loss(model, tokens, doc_start=torch.zeros(tokens.size(0), dtype=torch.bool), stream_id="bench",
                            memory_bank=bank)
         with torch.profiler.record_function("backward"):
             loss.backward()
@@ -491,13 +539,14 @@ def main():
             torch.save({"model": model.state_dict(), "captured": captured, "losses": losses, "corpus": corpus,
                         "training": {"updates": args.train_updates, "batch": args.train_batch}}, args.save_captured)
     captured.update(capture_queries(model, held_out, max(args.memory_sizes), args.segment, args.recall_segments))
+    captured["batch_tokens"] = captured["segment_tokens"].expand(args.streams, -1).contiguous()
     vanilla.load_state_dict(
         {k: v for k, v in model.state_dict().items() if not k.endswith(MEMORY_STATE)}
     )
     heads, _, head_dim = captured["keys"].shape
     logger.info("captured %d keys x %d heads x %d dims", captured["keys"].size(1), heads, head_dim)
 
-    searches, steps = [], []
+    searches, steps, evals = [], [], []
     vanilla_s = float("nan") if args.skip_steps else vanilla_step_time(vanilla, captured, args)
     logger.info("vanilla step: %.3f s", vanilla_s)
     for memory_size in args.memory_sizes:
@@ -520,6 +569,10 @@ def main():
             steps.append(step)
             logger.info("step   %7d %-10s %.3f s = %.2fx vanilla (%.3f s, timed alternately)", memory_size,
                         backend, step["step_s"], step["relative_to_vanilla"], step["vanilla_step_s"])
+            evals.append(bench_eval(model, vanilla, captured, memory_size, backend, args))
+            logger.info("eval   %7d %-10s %.0f tokens/s = %.2fx vanilla's %.0f", memory_size, backend,
+                        evals[-1]["eval_tokens_per_s"], evals[-1]["tokens_per_s_relative_to_vanilla"],
+                        evals[-1]["vanilla_eval_tokens_per_s"])
     profile = profile_step(model, captured, args) if args.profile_size and not args.skip_steps else None
 
     num_layers = len(model.memory_layer_ids)
@@ -540,6 +593,7 @@ def main():
         "vanilla_step_s": vanilla_s,
         "search": searches,
         "steps": steps,
+        "eval": evals,
         "gib_for_4_streams": fits,
         "peak_rss_gib": peak_rss() / GIB,
         "profile": profile,
@@ -555,7 +609,8 @@ def print_table(report: Dict) -> None:
     print(f"\nmachine: {machine['cpu']}, {machine['cores']} cores, torch threads {machine['torch_threads']}, "
           f"sgemm {machine['sgemm_gflops']} GFLOP/s, load {machine['load_average_start']} -> "
           f"{machine['load_average_end']}")
-    print(f"vanilla step: {report['vanilla_step_s']:.3f} s; peak RSS {report['peak_rss_gib']:.2f} GiB\n")
+    print(f"streams: {report['config']['streams']}; vanilla step: {report['vanilla_step_s']:.3f} s; "
+          f"peak RSS {report['peak_rss_gib']:.2f} GiB\n")
     print(f"{'memory':>8} {'backend':<10} {'options':<14} {'search s':>9} {'bound s':>8} {'x bound':>8} "
           f"{'recall@k':>8} {'MiB/stream':>10} {'RSS+ MiB':>9}")
     for r in report["search"]:
@@ -569,6 +624,11 @@ def print_table(report: Dict) -> None:
         gib = report["gib_for_4_streams"][f"{s['backend']} {s['memory_size']}"]
         print(f"{s['memory_size']:>8} {s['backend']:<10} {s['step_s']:>8.3f} {s['vanilla_step_s']:>9.3f} "
               f"{s['relative_to_vanilla']:>9.2f} {gib:>14.2f}")
+    if report["eval"]:
+        print(f"\n{'memory':>8} {'backend':<10} {'eval tok/s':>10} {'vanilla tok/s':>13} {'x vanilla':>9}")
+    for e in report["eval"]:
+        print(f"{e['memory_size']:>8} {e['backend']:<10} {e['eval_tokens_per_s']:>10.0f} "
+              f"{e['vanilla_eval_tokens_per_s']:>13.0f} {e['tokens_per_s_relative_to_vanilla']:>9.2f}")
     if report["profile"]:
         profile = report["profile"]
         print(f"\nprofile, {profile['memory_size']} tokens, {profile['backend']} (s per step): "
