@@ -329,6 +329,38 @@ def test_three_way_mixture_equals_the_formula_by_hand():
                           mix(-p_model.log(), p_knn.log(), torch.ones_like(has_cache), 0.3), atol=1e-6)
 
 
+def test_cache_plus_knnlm_runs_one_forward_and_equals_its_two_scorers(prepared_data_bin, tmp_path):
+    """The mixture reads one forward pass per batch; its two parts equal the cache and
+    the kNN-LM run on their own (each with its own forward), batch after batch."""
+    model, task = tiny(prepared_data_bin, tokens_per_sample=16)
+    task.load_dataset("train")
+    build_datastore(model, task, "train", tmp_path / "store", 16, 2, max_tokens=200, log_format="none")
+    task.load_dataset("test")
+    cache_alone = NeuralCache(model, 2, [0.2], theta=0.5, size=64, k=8, tokens_per_sample=16)
+    knn_alone = KNNLM(model, task.target_dictionary, tmp_path / "store", [0.3], k=8, eval_subset="test")
+    mixed = CacheKNNLM(NeuralCache(model, 2, [0.2], theta=0.5, size=64, k=8, tokens_per_sample=16),
+                       KNNLM(model, task.target_dictionary, tmp_path / "store", [0.3], k=8, eval_subset="test"))
+    forwards = []
+    hook = model.decoder.register_forward_hook(lambda *_: forwards.append(1))
+    batches = 0
+    try:
+        for sample in task.eval_lm_dataloader(task.dataset("test"), batch_size=2):
+            forwards.clear()
+            got = mixed.score(sample)["cache+knnlm lambda=0.2,0.3"]
+            assert len(forwards) == 1
+            cached = cache_alone.cache_scores(sample)
+            _, knn_logp, _, _ = knn_alone.knn_scores(sample)
+            real = sample["target"].ne(1)
+            expected = mix3(cached.model_nll, cached.cache_logp, cached.has_cache, knn_logp, 0.2, 0.3)
+            torch.testing.assert_close(got, expected.masked_fill(~real, 0.0))
+            batches += 1
+            if batches == 3:
+                break
+    finally:
+        hook.remove()
+    assert batches == 3
+
+
 @pytest.mark.parametrize("arch,extra", [("transformer_lm", ()), ("memorizing_transformer_lm", MEMORIZING)])
 def test_planted_probe_of_a_scorer_equals_the_sweeps_probe(vocab_dir, arch, extra):
     """The probe through the scorer interface (padding rows, document_lm-shaped batches)

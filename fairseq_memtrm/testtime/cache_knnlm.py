@@ -8,8 +8,7 @@ neighbours (the train split's datastore)::
 and ``(1 - lambda_k) p_model + lambda_k p_knn`` where the cache holds nothing (a
 document's first token). The cache brings the document's own recent words, the
 datastore the train split's contexts; Khandelwal et al. (2020) report that the two
-add up on Wikitext-103. Each scorer runs its own forward pass (twice the model's
-compute). One run per pair of ``cache_lambdas`` x
+add up on Wikitext-103. Both read one forward pass of the model per batch. One run per pair of ``cache_lambdas`` x
 ``knnlm_lambdas`` whose sum is below 1, all from one pass.
 """
 
@@ -21,6 +20,7 @@ from torch import Tensor
 from fairseq_memtrm.errors import MemtrmUserError
 
 from .neural_cache import log_weight
+from .scoring import features_and_nll
 
 
 def mix3(model_nll: Tensor, cache_logp: Tensor, has_cache: Tensor, knn_logp: Tensor,
@@ -54,8 +54,10 @@ class CacheKNNLM:
         return self.cache.extra_bytes() + self.knnlm.extra_bytes()
 
     def score(self, sample) -> Dict[str, Tensor]:
-        cached = self.cache.cache_scores(sample)
-        _, knn_logp, _, _ = self.knnlm.knn_scores(sample)
+        with torch.no_grad():
+            forward = features_and_nll(self.model, sample)
+        cached = self.cache.cache_scores(sample, forward)
+        _, knn_logp, _, _ = self.knnlm.knn_scores(sample, forward)
         real = sample["target"].ne(self.model.decoder.padding_idx)
         return {name: mix3(cached.model_nll, cached.cache_logp, cached.has_cache, knn_logp, c, k).masked_fill(~real, 0.0)
                 for name, (c, k) in zip(self.run_names(), self.pairs)}

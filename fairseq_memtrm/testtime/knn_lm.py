@@ -26,7 +26,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import faiss
 import numpy as np
@@ -36,7 +36,7 @@ from torch import Tensor
 
 from fairseq_memtrm.errors import MemtrmUserError
 
-from .scoring import target_nll
+from .scoring import features_and_nll
 
 logger = logging.getLogger(__name__)
 
@@ -197,10 +197,10 @@ class KNNLM:
         return self.index_bytes + self.vals.numel() * self.vals.element_size()
 
     @torch.no_grad()
-    def knn_scores(self, sample):
-        """(model nll (B, T), log p_knn(target) (B, T), distances (n, k), neighbour values (n, k))."""
-        features, extra = self.model(**sample["net_input"], features_only=True)
-        model_nll = target_nll(self.model, (self.model.decoder.output_layer(features), extra), sample).float()
+    def knn_scores(self, sample, forward: Optional[Tuple[Tensor, Tensor]] = None):
+        """(model nll (B, T), log p_knn(target) (B, T), distances (n, k), neighbour values (n, k)).
+        ``forward``: the batch's ``features_and_nll`` where another scorer has run it already."""
+        features, model_nll = forward if forward is not None else features_and_nll(self.model, sample)
         target = sample["target"]
         real = target.ne(self.model.decoder.padding_idx)
         queries = np.ascontiguousarray(features[real].float().cpu().numpy())

@@ -27,7 +27,7 @@ entries (kNN-LM does the same); the sum is exact while a stream holds at most
 import logging
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -35,7 +35,7 @@ from torch import Tensor
 from fairseq_memtrm.errors import MemtrmUserError
 from fairseq_memtrm.memory import KNNMemory, memory_bytes
 
-from .scoring import target_nll, target_positions
+from .scoring import features_and_nll, target_positions
 
 logger = logging.getLogger(__name__)
 
@@ -108,11 +108,11 @@ class NeuralCache:
 
     # ------------------------------------------------------------------ core
     @torch.no_grad()
-    def cache_scores(self, sample) -> CacheScores:
-        """Score one batch against the cache, then add it to the cache."""
+    def cache_scores(self, sample, forward: Optional[Tuple[Tensor, Tensor]] = None) -> CacheScores:
+        """Score one batch against the cache, then add it to the cache. ``forward``:
+        the batch's ``features_and_nll`` where another scorer has run it already."""
         net_input = sample["net_input"]
-        features, extra = self.model(**net_input, features_only=True)  # (B, T, C)
-        model_nll = target_nll(self.model, (self.model.decoder.output_layer(features), extra), sample).float()
+        features, model_nll = forward if forward is not None else features_and_nll(self.model, sample)
         target = sample["target"]
         bsz, seq_len = target.shape
         if features.size(0) != self.num_streams:

@@ -8,7 +8,7 @@ the perplexity past position 8K as the sweep does.
 """
 
 import logging
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from fairseq import progress_bar, utils
@@ -26,6 +26,12 @@ def target_nll(model, net_output, sample) -> Tensor:
     target = sample["target"]
     nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
     return nll.masked_fill(target.eq(model.decoder.padding_idx), 0.0)
+
+
+def features_and_nll(model, sample) -> Tuple[Tensor, Tensor]:
+    """One forward pass: the final hidden states (B, T, C) and every target's loss (B, T)."""
+    features, extra = model(**sample["net_input"], features_only=True)
+    return features, target_nll(model, (model.decoder.output_layer(features), extra), sample).float()
 
 
 def target_positions(sample, tokens_per_sample: int) -> Tensor:
