@@ -100,11 +100,12 @@ def export(checkpoint: str, data_bin: str, assets: str, name: str = "demo_model.
     import torch
 
     trained_with = os.path.dirname(os.path.abspath(checkpoint))  # the training scripts keep a copy there
-    for name in ("spm.model", "dict.txt"):
-        kept = os.path.join(trained_with, name)
-        if os.path.isfile(kept) and not filecmp.cmp(kept, os.path.join(data_bin, name), shallow=False):
+    for vocabulary_file in ("spm.model", "dict.txt"):
+        kept = os.path.join(trained_with, vocabulary_file)
+        if os.path.isfile(kept) and not filecmp.cmp(kept, os.path.join(data_bin, vocabulary_file), shallow=False):
             raise SystemExit(
-                f"make_demo_model: {checkpoint} was trained with another {name} than {data_bin}/{name} "
+                f"make_demo_model: {checkpoint} was trained with another {vocabulary_file} than "
+                f"{data_bin}/{vocabulary_file} "
                 f"(the data-bin was rebuilt with a new vocabulary); export with --data-bin {trained_with}, "
                 "or retrain with --force"
             )
@@ -117,9 +118,10 @@ def export(checkpoint: str, data_bin: str, assets: str, name: str = "demo_model.
     state["cfg"]["checkpoint"]["finetune_from_model"] = None
     os.makedirs(assets, exist_ok=True)
     target = os.path.join(assets, name)
-    torch.save(state, target)
-    for name in ("spm.model", "dict.txt"):
-        shutil.copy(os.path.join(data_bin, name), os.path.join(assets, name))
+    torch.save(state, target + ".part")  # a kill while writing leaves the previous export whole
+    os.replace(target + ".part", target)
+    for vocabulary_file in ("spm.model", "dict.txt"):
+        shutil.copy(os.path.join(data_bin, vocabulary_file), os.path.join(assets, vocabulary_file))
     size = os.path.getsize(target)
     if size > MAX_CHECKPOINT_BYTES:
         raise SystemExit(f"make_demo_model: {target} is {size / 2**20:.1f} MB, over the 25 MB limit")

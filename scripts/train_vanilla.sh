@@ -14,11 +14,15 @@
 #
 # Both phases keep a checkpoint every SAVE_EVERY (1000 / 500) updates, for
 # scripts/copy_curve.py. Resumable: rerunning continues either phase where it stopped, and
-# a finished phase is a no-op. COPY_UPDATES=0 skips phase 1 (one plain phase from scratch).
+# a finished phase (or vanilla) is a no-op. COPY_UPDATES=0 skips phase 1 (one plain phase
+# from scratch). VANILLA_FROM=FILE installs an exported vanilla (make_demo_model.py
+# --export-vanilla, e.g. the committed demo/assets/books/vanilla.pt, with its spm.model and
+# dict.txt beside it) as SAVE_DIR/checkpoint_last.pt instead of training, when SAVE_DIR has none.
 #
 #   scripts/train_vanilla.sh DATA_BIN SAVE_DIR [extra fairseq-train args, both phases]
 #   env: COPY_UPDATES, COPY_TOKENS_PER_SAMPLE, REPEAT_PROB, COPY_LR (1e-3), MAX_UPDATE, LR,
-#        CONTEXT_REPEAT_PROB (0: plain language_modeling in phase 2), DROPOUT (0), TOKENS_PER_SAMPLE, BATCH_SIZE, SEED
+#        CONTEXT_REPEAT_PROB (0: plain language_modeling in phase 2), DROPOUT (0), TOKENS_PER_SAMPLE, BATCH_SIZE, SEED,
+#        VANILLA_FROM
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
@@ -29,8 +33,25 @@ COPY_UPDATES=${COPY_UPDATES:-30000}
 MAX=${MAX_UPDATE:-3500}
 COPY_DIR=$SAVE/copy-phase
 same_vocabulary "$SAVE" "$DATA"  # refused before the lock creates SAVE_DIR
+if [ -n "${VANILLA_FROM:-}" ] && [ ! -f "$SAVE/checkpoint_last.pt" ]; then
+    require_checkpoint VANILLA_FROM "$VANILLA_FROM"
+    for name in dict.txt spm.model; do
+        if [ ! -f "$(dirname "$VANILLA_FROM")/$name" ]; then
+            echo "train_vanilla.sh: no $name beside VANILLA_FROM=$VANILLA_FROM; export it with" \
+                 "scripts/make_demo_model.py --export-vanilla, which writes both" >&2
+            exit 2
+        fi
+    done
+    same_vocabulary "$(dirname "$VANILLA_FROM")" "$DATA"
+fi
 lock_save_dir "$SAVE"
 keep_vocabulary "$SAVE" "$DATA"
+if [ -n "${VANILLA_FROM:-}" ] && [ ! -f "$SAVE/checkpoint_last.pt" ]; then
+    cp "$VANILLA_FROM" "$SAVE/checkpoint_last.pt.part"
+    mv "$SAVE/checkpoint_last.pt.part" "$SAVE/checkpoint_last.pt"
+    echo "train_vanilla.sh: $SAVE/checkpoint_last.pt is $VANILLA_FROM (exported weights, not trained here)"
+fi
+stop_if_trained "$SAVE" "$MAX"  # a finished vanilla needs neither phase
 
 # One fairseq-train run of the vanilla shape: train_phase SAVE_DIR [args]
 train_phase() {

@@ -172,3 +172,41 @@ def test_retrieval_quality_checks_the_retrieved_tokens_against_the_targets():
     assert seen.tolist() == [True, True, False]  # 5 and 6 came before, 9 did not
     sweep.remember_source_tokens(doc_tokens, second, torch.arange(4, 8)[None], mask)
     assert doc_tokens[0].tolist() == [2, 5, 6, 7, 8, 5, 9]
+
+
+def test_an_exported_vanilla_is_installed_instead_of_trained(chain, tmp_path):
+    """make_demo_model.py --export-vanilla, then VANILLA_FROM: train_vanilla.sh installs the
+    export (no phase trains), a rerun keeps it, fine-tuning from it works, and an export
+    whose vocabulary differs from the data-bin's is refused in one sentence."""
+    import shutil
+
+    import torch
+
+    work, _ = chain
+    exported = tmp_path / "assets"
+    run(BIN / "python", "scripts/make_demo_model.py", "--checkpoint", work / "vanilla" / "checkpoint_last.pt",
+        "--data-bin", work / "code", "--assets", exported, "--export-vanilla")
+    env = {**ENV, "VANILLA_FROM": str(exported / "vanilla.pt")}
+    out = run("bash", "scripts/train_vanilla.sh", work / "code", tmp_path / "vanilla", env=env)
+    installed = tmp_path / "vanilla" / "checkpoint_last.pt"
+    assert "exported weights, not trained here" in out and "nothing to train" in out
+    assert installed.read_bytes() == (exported / "vanilla.pt").read_bytes()
+    assert not (tmp_path / "vanilla" / "copy-phase").exists()
+    trained = torch.load(work / "vanilla" / "checkpoint_last.pt", map_location="cpu", weights_only=False)["model"]
+    restored = torch.load(installed, map_location="cpu", weights_only=False)["model"]
+    assert all(torch.equal(restored[name], weights.half() if weights.is_floating_point() else weights)
+               for name, weights in trained.items())
+    assert "nothing to train" in run("bash", "scripts/train_vanilla.sh", work / "code", tmp_path / "vanilla", env=env)
+    run("bash", "scripts/finetune_memory.sh", work / "code", installed, tmp_path / "memory",
+        env={**ENV, "MEMORY_SIZE": "256", "MAX_UPDATE": "1"})
+    assert (tmp_path / "memory" / "checkpoint_last.pt").is_file()
+
+    other = tmp_path / "other"  # the same export beside another vocabulary
+    shutil.copytree(exported, other)
+    lines = (other / "dict.txt").read_text().splitlines()
+    lines[0], lines[1] = lines[1], lines[0]
+    (other / "dict.txt").write_text("\n".join(lines) + "\n")
+    result = run_command("bash", "scripts/train_vanilla.sh", work / "code", tmp_path / "refused",
+                         env={**ENV, "VANILLA_FROM": str(other / "vanilla.pt")}, check=False)
+    assert result.returncode == 2 and "was trained with another dict.txt" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "refused").exists()
