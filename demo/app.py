@@ -182,6 +182,16 @@ def looks_like_code(text: str) -> bool:
     return bool(lines) and sum(bool(CODE_LINE.match(line)) for line in lines) >= 0.3 * len(lines)
 
 
+class ViewClick(gr.EventData):
+    """A click the page's own script reports from the document view, the segment chart or the
+    token list: ``token_index``, ``segment`` or ``token_type`` in ``data``. Gradio builds it
+    from the event's target and payload, as it builds ``gr.SelectData``."""
+
+    def __init__(self, target, data):
+        super().__init__(target, data)
+        self.data = data if isinstance(data, dict) else {}
+
+
 class DemoApp:
     def __init__(self, models: Dict[str, DemoModel], samples: Dict[str, str], max_tokens: int = MAX_DOCUMENT_TOKENS,
                  cache: Optional[ReportCache] = None):
@@ -446,9 +456,9 @@ class DemoApp:
         ]
         return header, prediction_rows(details), rows
 
-    def on_view_click(self, session, event: gr.EventData):
+    def on_view_click(self, session, event: ViewClick):
         """A click in the document (a token) or the segment chart (a bar) or the token list (a type)."""
-        data = event._data if isinstance(event._data, dict) else {}
+        data = event.data
         session = session or {}
         report = session.get("report")
         unchanged = (gr.update(),) * 6

@@ -7,7 +7,7 @@ import types
 import numpy as np
 import pytest
 
-from demo.app import DemoApp
+from demo.app import DemoApp, ViewClick
 from demo.checkpoint import DEMO_CHECKPOINT, load_demo_model
 from demo.report_cache import ReportCache
 from demo.views import TOKENS_PER_PAGE, distance_histogram, render_page, segment_gain_chart
@@ -18,7 +18,7 @@ no_progress = lambda *args, **kwargs: None  # noqa: E731
 
 
 def click(**data):
-    return types.SimpleNamespace(_data=data)
+    return ViewClick(None, data)
 
 
 @pytest.fixture(scope="module")
