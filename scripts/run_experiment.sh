@@ -13,7 +13,8 @@
 # (e.g. STEPS="vanilla memory control sweep").
 #
 #   scripts/run_experiment.sh NAME TRAIN_DATA_BIN EVAL_DATA_BIN
-#   env: as train_vanilla.sh / finetune_memory.sh / finetune_gptm.sh, plus FINETUNE_UPDATES (400),
+#   env: as train_vanilla.sh (VANILLA_FROM=demo/assets/books/vanilla.pt installs the committed
+#        books vanilla instead of training it) / finetune_memory.sh / finetune_gptm.sh, plus FINETUNE_UPDATES (400),
 #        TRAIN_MEMORY (65536), SWEEP_SIZES, SWEEP_SUBSET (test), EVAL_BATCH_SIZE (4), STEPS,
 #        CKPT (checkpoints), RESULTS (results),
 #        MEMORY_LAYERS (default: the vanilla's induction layer, below), GATE_INIT (-3: the memory
