@@ -51,6 +51,11 @@ if [ -n "${VANILLA_FROM:-}" ] && [ ! -f "$SAVE/checkpoint_last.pt" ]; then
     mv "$SAVE/checkpoint_last.pt.part" "$SAVE/checkpoint_last.pt"
     echo "train_vanilla.sh: $SAVE/checkpoint_last.pt is $VANILLA_FROM (exported weights, not trained here)"
 fi
+if [ -n "${VANILLA_FROM:-}" ] && cmp -s "$VANILLA_FROM" "$SAVE/checkpoint_last.pt" && ! is_trained "$SAVE" "$MAX"; then
+    echo "train_vanilla.sh: $VANILLA_FROM holds fewer than MAX_UPDATE=$MAX updates and an export keeps no" \
+         "optimizer state to continue from; set MAX_UPDATE to at most its updates, or train without VANILLA_FROM" >&2
+    exit 2
+fi
 stop_if_trained "$SAVE" "$MAX"  # a finished vanilla needs neither phase
 
 # One fairseq-train run of the vanilla shape: train_phase SAVE_DIR [args]
@@ -94,7 +99,6 @@ else
     [ "${FROM[0]:-}" = --user-dir ] || CONTEXT_TASK=(--user-dir fairseq_memtrm)
     CONTEXT_TASK+=(--task repeat_lm --repeat-prob "${CONTEXT_REPEAT_PROB:-0.5}" --repeat-min-len 8 --repeat-max-len 128)
 fi
-stop_if_trained "$SAVE" "$MAX"
 echo "train_vanilla.sh: context phase, $MAX updates -> $SAVE"
 train_phase "$SAVE" "${CONTEXT_TASK[@]}" --tokens-per-sample "$TOKENS_PER_SAMPLE" "${FROM[@]}" \
     --lr "${LR:-3e-4}" --lr-scheduler polynomial_decay --total-num-update "$MAX" --end-learning-rate 0 \

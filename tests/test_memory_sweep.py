@@ -201,6 +201,11 @@ def test_an_exported_vanilla_is_installed_instead_of_trained(chain, tmp_path):
         env={**ENV, "MEMORY_SIZE": "256", "MAX_UPDATE": "1"})
     assert (tmp_path / "memory" / "checkpoint_last.pt").is_file()
 
+    short = run_command("bash", "scripts/train_vanilla.sh", work / "code", tmp_path / "short",
+                        env={**env, "MAX_UPDATE": "100"}, check=False)  # more updates than the export holds
+    assert short.returncode == 2 and "an export keeps no optimizer state" in short.stderr
+    assert "Traceback" not in short.stderr and not (tmp_path / "short" / "copy-phase").exists()
+
     other = tmp_path / "other"  # the same export beside another vocabulary
     shutil.copytree(exported, other)
     lines = (other / "dict.txt").read_text().splitlines()
