@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from fairseq.data import data_utils
 
+from .distant_repeats import DistantRepeats
 from .documents import DocumentDataset
 
 
@@ -90,6 +91,8 @@ class DocumentStreamDataset(torch.utils.data.Dataset):
         shuffle: shuffle per epoch (train only).
         seed: shuffling seed.
         num_shards, shard_id: data-parallel world size and this rank.
+        distant_repeats: copies of far-back spans written into segments
+            (a training curriculum, :mod:`fairseq_memtrm.data.distant_repeats`).
     """
 
     def __init__(
@@ -103,6 +106,7 @@ class DocumentStreamDataset(torch.utils.data.Dataset):
         seed: int = 1,
         num_shards: int = 1,
         shard_id: int = 0,
+        distant_repeats: Optional[DistantRepeats] = None,
     ):
         super().__init__()
         assert tokens_per_sample > 0 and batch_size > 0 and 0 <= shard_id < num_shards
@@ -114,6 +118,7 @@ class DocumentStreamDataset(torch.utils.data.Dataset):
         self.shuffle = shuffle
         self.seed = seed
         self.num_shards, self.shard_id = num_shards, shard_id
+        self.distant_repeats = distant_repeats
         self.doc_segments = -(-documents.sizes // tokens_per_sample)  # ceil
         self.epoch = 1
         self._layouts: Dict[int, StreamLayout] = {}
@@ -160,6 +165,9 @@ class DocumentStreamDataset(torch.utils.data.Dataset):
         else:
             span = self.documents.tokens(doc, start - 1, end)
             source, target = span[:-1], span[1:]
+        if self.distant_repeats is not None:
+            source, target = self.distant_repeats.apply(
+                self.documents, doc, segment, self.tokens_per_sample, self.epoch, source, target)
         return source, target
 
     def __getitem__(self, batch: int) -> dict:

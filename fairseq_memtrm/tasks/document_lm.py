@@ -46,7 +46,7 @@ from omegaconf import II
 import torch
 
 from fairseq_memtrm.config_fields import option
-from fairseq_memtrm.data import DocumentDataset, DocumentStreamDataset
+from fairseq_memtrm.data import DistantRepeats, DocumentDataset, DocumentStreamDataset
 from fairseq_memtrm.distributed import rank_and_world
 from fairseq_memtrm.errors import MemtrmUserError
 
@@ -66,6 +66,15 @@ class DocumentLMConfig(FairseqDataclass):
     max_target_positions: Optional[int] = II("task.tokens_per_sample")
     # transformer_lm's config reads task.add_bos_token; documents start with </s>.
     add_bos_token: bool = option(False, "unsupported by document_lm (documents start with </s>); keep False")
+    distant_repeat_prob: float = option(
+        0.0,
+        "training curriculum: share of train segments in which a span is replaced by a copy of a span from at least "
+        "--distant-repeat-min-distance tokens earlier in the same document, so that only the memory holds it (0: off; "
+        "valid and test are never changed)")
+    distant_repeat_min_len: int = option(8, "shortest distant repeat, in tokens")
+    distant_repeat_max_len: int = option(64, "longest distant repeat, in tokens")
+    distant_repeat_min_distance: Optional[int] = option(
+        None, "least distance, in tokens, from a repeat's origin to its copy (default: --tokens-per-sample)")
     stream_log: Optional[str] = option(
         None,
         "write PREFIX.rankR.jsonl per rank: every training batch's documents, segments, loss and weight digest (for "
@@ -94,6 +103,13 @@ class DocumentLMTask(FairseqTask):
         if cfg.add_bos_token:
             raise MemtrmUserError("--add-bos-token is not supported by --task document_lm; drop it")
         self.streams_per_rank = self._streams_per_rank(cfg)
+        self.distant_repeats = None
+        if cfg.distant_repeat_prob != 0:
+            self.distant_repeats = DistantRepeats(
+                cfg.distant_repeat_prob, cfg.distant_repeat_min_len, cfg.distant_repeat_max_len,
+                cfg.tokens_per_sample if cfg.distant_repeat_min_distance is None else cfg.distant_repeat_min_distance,
+                cfg.seed,
+            )
         self.memory_bank = None  # the model's, when it has a kNN memory
         self.ranks_on_host = 1
         self._stream_log = None
@@ -168,16 +184,18 @@ class DocumentLMTask(FairseqTask):
                 "padding; use --batch-size %d or less", dataset.split, batch_size * num_shards, batch_size,
                 num_shards, len(dataset), batch_size * num_shards - len(dataset), max(1, len(dataset) // num_shards),
             )
+        train = dataset.split == self.cfg.train_subset
         streams = DocumentStreamDataset(
             dataset,
             tokens_per_sample=self.cfg.tokens_per_sample,
             batch_size=batch_size,
             pad=self.dictionary.pad(),
             eos=self.dictionary.eos(),
-            shuffle=dataset.split == self.cfg.train_subset,
+            shuffle=train,
             seed=seed,
             num_shards=num_shards,
             shard_id=shard_id,
+            distant_repeats=self.distant_repeats if train else None,
         )
         # The trainer reads ``first_batch`` (its dummy batch) before any epoch starts.
         streams.set_epoch(epoch)
