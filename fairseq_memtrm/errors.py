@@ -39,3 +39,11 @@ def run_script(main, prog: str, status: int = 2) -> None:
     except MemtrmUserError as error:
         print(f"{prog}: error: {error.message}", file=sys.stderr)
         sys.exit(status)
+
+
+def check_repeat_flags(flag: str, prob: float, min_len: int, max_len: int) -> None:
+    """The flags of a repeated-span curriculum (``--FLAG-prob``, ``--FLAG-min-len``, ``--FLAG-max-len``)."""
+    if not 0.0 <= prob <= 1.0:
+        raise MemtrmUserError(f"--{flag}-prob must lie in [0, 1], got {prob}")
+    if not 2 <= min_len <= max_len:
+        raise MemtrmUserError(f"--{flag}-min-len {min_len} / --{flag}-max-len {max_len}: need 2 <= min <= max")

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from fairseq.data import data_utils
 
-from fairseq_memtrm.errors import MemtrmUserError
+from fairseq_memtrm.errors import MemtrmUserError, check_repeat_flags
 
 
 @dataclass(frozen=True)
@@ -41,13 +41,7 @@ class DistantRepeats:
     seed: int = 1
 
     def __post_init__(self):
-        if not 0.0 <= self.prob <= 1.0:
-            raise MemtrmUserError(f"--distant-repeat-prob must lie in [0, 1], got {self.prob}")
-        if not 2 <= self.min_len <= self.max_len:
-            raise MemtrmUserError(
-                f"--distant-repeat-min-len {self.min_len} / --distant-repeat-max-len {self.max_len}: "
-                "need 2 <= min <= max"
-            )
+        check_repeat_flags("distant-repeat", self.prob, self.min_len, self.max_len)
         if self.min_distance < 0:
             raise MemtrmUserError(f"--distant-repeat-min-distance must be >= 0, got {self.min_distance}")
 

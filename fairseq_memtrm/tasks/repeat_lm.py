@@ -25,7 +25,7 @@ from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 
 from fairseq_memtrm.config_fields import option
-from fairseq_memtrm.errors import MemtrmUserError
+from fairseq_memtrm.errors import MemtrmUserError, check_repeat_flags
 
 logger = logging.getLogger(__name__)
 
@@ -86,13 +86,7 @@ class RepeatLMConfig(LanguageModelingConfig):
 class RepeatLMTask(LanguageModelingTask):
     def __init__(self, args, dictionary, output_dictionary=None, targets=None):
         super().__init__(args, dictionary, output_dictionary, targets)
-        if not 0.0 <= args.repeat_prob <= 1.0:
-            raise MemtrmUserError(f"--repeat-prob must lie in [0, 1], got {args.repeat_prob}")
-        if not 2 <= args.repeat_min_len <= args.repeat_max_len:
-            raise MemtrmUserError(
-                f"--repeat-min-len {args.repeat_min_len} / --repeat-max-len {args.repeat_max_len}: "
-                "need 2 <= min <= max"
-            )
+        check_repeat_flags("repeat", args.repeat_prob, args.repeat_min_len, args.repeat_max_len)
         if args.sample_break_mode not in (None, "none"):
             raise MemtrmUserError("--task repeat_lm needs --sample-break-mode none (fixed-length blocks)")
 
