@@ -67,6 +67,8 @@ RUNS = (
     ("paper-memory", "--memory-checkpoint", SWEEP, "memorizing fine-tune with the paper's options"),
     ("copying-memory", "--copying-memory-checkpoint", SWEEP,
      "memorizing fine-tune with --memory-query key --memory-shift-keys"),
+    ("repeat-memory", "--repeat-memory-checkpoint", SWEEP,
+     "memorizing fine-tune with the paper's options, trained with distant repeats (--distant-repeat-prob)"),
     ("longmem", "--longmem-checkpoint", SWEEP, "a longmem_sidenet_lm checkpoint (scripts/finetune_longmem.sh)"),
     ("gptm", "--gptm-checkpoint", None, "a gptm_lm checkpoint (scripts/finetune_gptm.sh): its memory is its slots"),
     ("control", "--control-checkpoint", 0, "same updates without memory"),
@@ -75,7 +77,8 @@ RUNS = (
 MEMORY_RUNS = tuple(name for name, _, size, _ in RUNS if size == SWEEP)  # one line each in the plot
 GAIN_RUNS = ("gptm", "control", "vanilla")  # GPTm's per-token gains: against the control, else the vanilla
 LABELS = {"paper-memory": "memorizing fine-tune (paper's options)",
-          "copying-memory": "memorizing fine-tune (copying options)", "longmem": "LongMem SideNet"}
+          "copying-memory": "memorizing fine-tune (copying options)",
+          "repeat-memory": "memorizing fine-tune (paper's options, distant repeats)", "longmem": "LongMem SideNet"}
 
 
 @torch.no_grad()

@@ -4,10 +4,13 @@
 #   2. memorizing fine-tune, the paper's options (65K)     -> CKPT/NAME/memory
 #   3. control: same updates, memory 0                     -> CKPT/NAME/control
 #   4. memorizing fine-tune, copying options (65K)         -> CKPT/NAME/copying-memory
+#   4b. memorizing fine-tune, the paper's options trained with distant repeats
+#       (document_lm --distant-repeat-prob DISTANT_REPEAT_PROB, 0.5; not in the default STEPS)
+#                                                           -> CKPT/NAME/repeat-memory
 #   5. LongMem SideNet over the frozen vanilla (65K)        -> CKPT/NAME/longmem
 #   6. GPTm: a differentiable memory matrix (GPTM_SLOTS)   -> CKPT/NAME/gptm
 #   7. sweep of evaluation memory sizes    -> RESULTS/NAME/memory_sweep.{json,md,png}
-#      (runs vanilla, control, paper-memory, copying-memory, longmem, gptm; a killed sweep
+#      (runs vanilla, control, paper-memory, copying-memory, repeat-memory, longmem, gptm; a killed sweep
 #      resumes from RESULTS/NAME/cache)
 # Each step's wall time is appended to RESULTS/NAME/timings.tsv. STEPS picks a subset
 # (e.g. STEPS="vanilla memory control sweep").
@@ -41,7 +44,7 @@ induction_layer() {
     "$BIN/python" scripts/copy_score.py "$VANILLA" "$DATA" --induction 2>/dev/null |
         "$BIN/python" -c 'import json, sys; print(json.load(sys.stdin)["induction_layer"])'
 }
-if [ -z "${MEMORY_LAYERS:-}" ] && { step memory || step copying-memory; }; then
+if [ -z "${MEMORY_LAYERS:-}" ] && { step memory || step copying-memory || step repeat-memory; }; then
     MEMORY_LAYERS=$(induction_layer)
     echo "run_experiment.sh: memory at layer $MEMORY_LAYERS, the vanilla's induction layer (set MEMORY_LAYERS to override)"
 fi
@@ -50,11 +53,13 @@ step memory && timed memory "${FINETUNE[@]}" scripts/finetune_memory.sh "$DATA" 
 step control && timed control "${FINETUNE[@]}" MEMORY_SIZE=0 scripts/finetune_memory.sh "$DATA" "$VANILLA" "$CKPT/control"
 step copying-memory && timed copying-memory "${FINETUNE[@]}" scripts/finetune_memory.sh "$DATA" "$VANILLA" \
     "$CKPT/copying-memory" --memory-query key --memory-shift-keys
+step repeat-memory && timed repeat-memory "${FINETUNE[@]}" scripts/finetune_memory.sh "$DATA" "$VANILLA" \
+    "$CKPT/repeat-memory" --distant-repeat-prob "${DISTANT_REPEAT_PROB:-0.5}"
 step longmem && timed longmem "${FINETUNE[@]}" scripts/finetune_longmem.sh "$DATA" "$VANILLA" "$CKPT/longmem"
 step gptm && timed gptm "${FINETUNE[@]}" scripts/finetune_gptm.sh "$DATA" "$VANILLA" "$CKPT/gptm"
 if step sweep; then
     SWEEP_RUNS=()
-    for run in control copying-memory longmem gptm; do
+    for run in control copying-memory repeat-memory longmem gptm; do
         [ -f "$CKPT/$run/checkpoint_last.pt" ] && SWEEP_RUNS+=("--$run-checkpoint" "$CKPT/$run/checkpoint_last.pt")
     done
     timed sweep "$BIN/python" scripts/eval_memory_sweep.py "$EVAL" \
