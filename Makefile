@@ -28,9 +28,9 @@ test: $(STAMP)
 
 # The demo models are committed (fp16, each with its spm.model and dict.txt): the
 # memorizing fine-tunes of the code and books experiments (docs/experiment-log.md).
-# `make demo-model` rebuilds both with scripts/make_demo_model.py (~2 hours on 2
-# cores; the books one needs ../shared/data/books), which also runs for a
-# committed file that is missing. The books test split, where it exists, is
+# `make demo-model` rebuilds both with scripts/make_demo_model.py, fine-tuning the
+# committed vanillas (demo/assets/CORPUS/vanilla.pt; ~1 hour on 2 cores; the books one
+# needs ../shared/data/books), which also runs for a committed file that is missing. The books test split, where it exists, is
 # offered as sample documents (read with the books model).
 CODE_MODEL  := demo/assets/code/demo_model.pt
 BOOKS_MODEL := demo/assets/books/demo_model.pt

@@ -11,10 +11,11 @@ reused when its output exists (``--force`` redoes the training):
    ``dict.txt`` and ``spm.model``. code: the running interpreter's standard
    library, one module = one document, indentation kept (``--stdlib``); books:
    the PG-19-layout folder ``--books-dir`` (default ``../shared/data/books``);
-2. ``scripts/train_vanilla.sh``: a vanilla 6 x 256 ``transformer_lm`` that copies
-   from its context, which is what the memory extends (its two-phase recipe,
-   docs/vanilla.md); or ``--vanilla CKPT``, e.g. the committed
-   ``demo/assets/books/vanilla.pt``, fine-tuned instead of training one;
+2. the vanilla: a 6 x 256 ``transformer_lm`` that copies from its context, which
+   is what the memory extends. By default the committed ``demo/assets/CORPUS/vanilla.pt``
+   (then step 1 reuses its ``spm.model`` and ``dict.txt``), else ``--vanilla CKPT``;
+   without either, or with ``--train-vanilla``, ``scripts/train_vanilla.sh`` trains one
+   (its two-phase recipe, docs/vanilla.md);
 3. ``scripts/finetune_memory.sh``: ``memorizing_transformer_lm`` from it, with a
    65K memory over whole documents (``--task document_lm``). code: memory at
    layers 0 and 3 (``--memory-layers 0,3``): layer 0's keys are close to the token
@@ -25,8 +26,8 @@ reused when its output exists (``--force`` redoes the training):
    ``dict.txt``, to ``demo/assets/CORPUS/`` (<= 25 MB).
 
 ``--checkpoint CKPT --data-bin DIR`` exports an existing fine-tune instead.
-On 2 CPU cores the vanilla takes about 80 minutes (docs/vanilla.md), the fine-tune
-(code 1,000 updates, books 200) about 40 and 10.
+On 2 CPU cores a vanilla trained here takes about 2.3 hours (docs/vanilla.md), the
+fine-tune (code 1,000 updates, books 200) about 40 and 10 minutes.
 ``--checkpoint CKPT --data-bin DIR --export-vanilla`` exports a vanilla as
 ``ASSETS/vanilla.pt`` instead, a base model to fine-tune with ``--vanilla``.
 """
@@ -47,7 +48,7 @@ MAX_CHECKPOINT_BYTES = 25 * 2**20
 COPYING_MEMORY = ["--memory-query", "key", "--memory-shift-keys"]
 #: corpus -> data-bin name, fine-tune updates and options (the vanilla: train_vanilla.sh's recipe)
 RECIPES = {
-    "code": dict(data_bin="pycode", finetune_updates=1000,
+    "code": dict(data_bin="code", finetune_updates=1000,
                  step="memory-keyq-l03", finetune_args=COPYING_MEMORY + ["--memory-layers", "0,3"]),
     "books": dict(data_bin="books", finetune_updates=200,
                   step="memory-keyq", finetune_args=COPYING_MEMORY),
@@ -60,7 +61,11 @@ def run(command, **env):
                    env={**os.environ, "BIN": os.path.dirname(sys.executable), **env})
 
 
-def prepare_data(args, recipe) -> str:
+def prepare_data(args, recipe, vocabulary=None) -> str:
+    """The corpus's data-bin; with ``vocabulary`` (a folder with spm.model and dict.txt, e.g. a
+    vanilla's) it is encoded with that vocabulary instead of a new one."""
+    reuse = ["--spm-model", os.path.join(vocabulary, "spm.model"), "--dict", os.path.join(vocabulary, "dict.txt")] \
+        if vocabulary else []
     if args.corpus == "code":
         source = ["--stdlib", "--character-coverage", "1.0"]
     else:
@@ -70,19 +75,23 @@ def prepare_data(args, recipe) -> str:
                 "per .txt); pass --books-dir DIR"
             )
         source = ["--source-dir", args.books_dir]
-    run([sys.executable, "scripts/prepare_data.py", *source, "--name", recipe["data_bin"], "--dest-dir", "data-bin",
-         "--workers", "2", "--quiet"])
+    run([sys.executable, "scripts/prepare_data.py", *source, *reuse, "--name", recipe["data_bin"],
+         "--dest-dir", "data-bin", "--workers", "2", "--quiet"])
     return os.path.join(REPO, "data-bin", recipe["data_bin"])
 
 
 def build(args, recipe) -> str:
     """Steps 1-3; returns the fine-tuned checkpoint."""
-    data_bin = prepare_data(args, recipe)
+    vanilla = args.vanilla
+    committed = os.path.join(assets_folder(args), "vanilla.pt")
+    if vanilla is None and not args.train_vanilla and os.path.isfile(committed):
+        vanilla = committed
+        logger.info("fine-tuning the committed vanilla %s (--train-vanilla trains one instead)", committed)
+    data_bin = prepare_data(args, recipe, os.path.dirname(os.path.abspath(vanilla)) if vanilla else None)
     work = os.path.join(REPO, "checkpoints", recipe["data_bin"])
     if args.force:
         for step in ("vanilla", recipe["step"]):
             shutil.rmtree(os.path.join(work, step), ignore_errors=True)
-    vanilla = args.vanilla
     if vanilla is None:
         vanilla = os.path.join(work, "vanilla", "checkpoint_last.pt")
         run(["bash", "scripts/train_vanilla.sh", data_bin, os.path.dirname(vanilla)],
@@ -91,6 +100,10 @@ def build(args, recipe) -> str:
          os.path.join(work, recipe["step"]), *recipe["finetune_args"]],
         MAX_UPDATE=str(args.finetune_updates or recipe["finetune_updates"]), MEMORY_SIZE=str(args.memory_size))
     return os.path.join(work, recipe["step"], "checkpoint_last.pt")
+
+
+def assets_folder(args) -> str:
+    return args.assets or os.path.join(REPO, "demo", "assets", args.corpus)
 
 
 def export(checkpoint: str, data_bin: str, assets: str, name: str = "demo_model.pt") -> str:
@@ -137,17 +150,19 @@ def main():
     parser.add_argument("--checkpoint", help="export this memorizing checkpoint instead of training one")
     parser.add_argument("--data-bin", help="the checkpoint's data-bin (dict.txt, spm.model)")
     parser.add_argument("--assets", default=None, help="output folder (default: demo/assets/CORPUS)")
-    parser.add_argument("--vanilla", help="fine-tune this vanilla checkpoint instead of training one")
+    parser.add_argument("--vanilla", help="fine-tune this vanilla checkpoint (default: ASSETS/vanilla.pt, when it exists)")
+    parser.add_argument("--train-vanilla", action="store_true",
+                        help="train the vanilla with scripts/train_vanilla.sh even when ASSETS/vanilla.pt exists")
     parser.add_argument("--export-vanilla", action="store_true",
                         help="export --checkpoint as ASSETS/vanilla.pt (a base model to fine-tune) instead")
     parser.add_argument("--vanilla-updates", type=int, default=None,
                         help="context-phase updates of the vanilla (default: train_vanilla.sh's)")
     parser.add_argument("--finetune-updates", type=int, default=None, help="default: the corpus recipe's")
     parser.add_argument("--memory-size", type=int, default=65536)
-    parser.add_argument("--force", action="store_true", help="retrain the vanilla and the fine-tuned model")
+    parser.add_argument("--force", action="store_true", help="redo the fine-tune (and the vanilla, when it is trained here)")
     args = parser.parse_args()
     recipe = RECIPES[args.corpus]
-    assets = args.assets or os.path.join(REPO, "demo", "assets", args.corpus)
+    assets = assets_folder(args)
     if args.checkpoint:
         if not args.data_bin:
             parser.error("--checkpoint needs --data-bin (where its dict.txt and spm.model are)")

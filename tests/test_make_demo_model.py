@@ -1,0 +1,53 @@
+"""scripts/make_demo_model.py's plan: which vanilla it fine-tunes and which vocabulary the
+data-bin gets (the commands it would run, recorded instead of run)."""
+
+import argparse
+import importlib.util
+
+import pytest
+
+from lm_builders import REPO
+
+
+@pytest.fixture
+def make_demo_model(monkeypatch):
+    spec = importlib.util.spec_from_file_location("make_demo_model", REPO / "scripts" / "make_demo_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    commands = []
+    monkeypatch.setattr(module, "run", lambda command, **env: commands.append([str(c) for c in command]))
+    return module, commands
+
+
+def plan(module, commands, assets, **flags):
+    args = argparse.Namespace(corpus="code", books_dir=None, assets=str(assets), vanilla=None, train_vanilla=False,
+                              vanilla_updates=None, finetune_updates=None, memory_size=65536, force=False)
+    vars(args).update(flags)
+    module.build(args, module.RECIPES["code"])
+    prepare = next(c for c in commands if "scripts/prepare_data.py" in c)
+    trained = any("scripts/train_vanilla.sh" in c for c in commands)
+    finetune = next(c for c in commands if "scripts/finetune_memory.sh" in c)
+    return prepare, trained, finetune
+
+
+def test_the_committed_vanilla_is_fine_tuned_with_its_own_vocabulary(make_demo_model, tmp_path):
+    module, commands = make_demo_model
+    for name in ("vanilla.pt", "spm.model", "dict.txt"):
+        (tmp_path / name).write_text("x")
+    prepare, trained, finetune = plan(module, commands, tmp_path)
+    assert not trained
+    assert finetune[3] == str(tmp_path / "vanilla.pt")
+    assert prepare[prepare.index("--spm-model") + 1] == str(tmp_path / "spm.model")
+    assert prepare[prepare.index("--dict") + 1] == str(tmp_path / "dict.txt")
+
+
+def test_without_a_committed_vanilla_or_with_train_vanilla_one_is_trained_on_a_new_vocabulary(
+        make_demo_model, tmp_path):
+    module, commands = make_demo_model
+    prepare, trained, finetune = plan(module, commands, tmp_path)
+    assert trained and "--spm-model" not in prepare
+    (tmp_path / "vanilla.pt").write_text("x")
+    commands.clear()
+    prepare, trained, finetune = plan(module, commands, tmp_path, train_vanilla=True)
+    assert trained and "--spm-model" not in prepare
+    assert finetune[3].endswith("checkpoints/code/vanilla/checkpoint_last.pt")
