@@ -5,7 +5,8 @@
 #   3. control: same updates, memory 0                     -> CKPT/NAME/control
 #   4. memorizing fine-tune, copying options (65K)         -> CKPT/NAME/copying-memory
 #   4b. memorizing fine-tune, the paper's options trained with distant repeats
-#       (document_lm --distant-repeat-prob DISTANT_REPEAT_PROB, 0.5; not in the default STEPS)
+#       (document_lm --distant-repeat-prob DISTANT_REPEAT_PROB, 0.5, copies from at most
+#       TRAIN_MEMORY tokens back; not in the default STEPS)
 #                                                           -> CKPT/NAME/repeat-memory
 #   5. LongMem SideNet over the frozen vanilla (65K)        -> CKPT/NAME/longmem
 #   6. GPTm: a differentiable memory matrix (GPTM_SLOTS)   -> CKPT/NAME/gptm
@@ -54,7 +55,8 @@ step control && timed control "${FINETUNE[@]}" MEMORY_SIZE=0 scripts/finetune_me
 step copying-memory && timed copying-memory "${FINETUNE[@]}" scripts/finetune_memory.sh "$DATA" "$VANILLA" \
     "$CKPT/copying-memory" --memory-query key --memory-shift-keys
 step repeat-memory && timed repeat-memory "${FINETUNE[@]}" scripts/finetune_memory.sh "$DATA" "$VANILLA" \
-    "$CKPT/repeat-memory" --distant-repeat-prob "${DISTANT_REPEAT_PROB:-0.5}"
+    "$CKPT/repeat-memory" --distant-repeat-prob "${DISTANT_REPEAT_PROB:-0.5}" \
+    --distant-repeat-max-distance "${TRAIN_MEMORY:-65536}"
 step longmem && timed longmem "${FINETUNE[@]}" scripts/finetune_longmem.sh "$DATA" "$VANILLA" "$CKPT/longmem"
 step gptm && timed gptm "${FINETUNE[@]}" scripts/finetune_gptm.sh "$DATA" "$VANILLA" "$CKPT/gptm"
 if step sweep; then

@@ -32,10 +32,12 @@ def read_streams(documents, tokens_per_sample, repeats, batch_size=3, epoch=1, s
     return ({d: torch.cat(t) for d, t in targets.items()}, {d: torch.cat(s) for d, s in sources.items()})
 
 
-@pytest.mark.parametrize("tokens_per_sample,min_distance", [(16, 16), (10, 25), (32, 0)])
-def test_a_replaced_span_copies_what_the_stream_showed_far_enough_back(tokens_per_sample, min_distance):
+@pytest.mark.parametrize("tokens_per_sample,min_distance,max_distance", [
+    (16, 16, None), (10, 25, None), (32, 0, None), (16, 16, 60)])
+def test_a_replaced_span_copies_what_the_stream_showed_far_enough_back(tokens_per_sample, min_distance, max_distance):
     documents, docs = synthetic_documents(LENGTHS)  # every original token is unique
-    repeats = DistantRepeats(prob=1.0, min_len=3, max_len=9, min_distance=min_distance, seed=2)
+    repeats = DistantRepeats(prob=1.0, min_len=3, max_len=9, min_distance=min_distance, max_distance=max_distance,
+                             seed=2)
     shown, sources = read_streams(documents, tokens_per_sample, repeats)
     copies = 0
     for doc, original in enumerate(docs):
@@ -51,6 +53,7 @@ def test_a_replaced_span_copies_what_the_stream_showed_far_enough_back(tokens_pe
             position, origin, length = plan
             copies += 1
             assert origin + length + min_distance <= position
+            assert max_distance is None or position - origin <= max_distance
             assert position // tokens_per_sample == (position + length - 1) // tokens_per_sample == segment
             assert position + length < min(len(original), (segment + 1) * tokens_per_sample)  # last token kept
             assert torch.equal(text[position : position + length], text[origin : origin + length])
@@ -106,6 +109,7 @@ def test_the_task_changes_only_the_train_split(dict_dir):  # noqa: F811
     (["--distant-repeat-prob", "0.5", "--distant-repeat-min-len", "9", "--distant-repeat-max-len", "4"],
      "need 2 <= min <= max"),
     (["--distant-repeat-prob", "0.5", "--distant-repeat-min-distance", "-1"], "must be >= 0"),
+    (["--distant-repeat-prob", "0.5", "--distant-repeat-max-distance", "100"], "at least .* = 576"),
 ])
 def test_bad_options_are_clear_errors(dict_dir, flags, message):  # noqa: F811
     with pytest.raises(MemtrmUserError, match=message):

@@ -12,7 +12,8 @@ Plan of segment ``s`` of document ``d`` (deterministic in (seed, epoch, d, s),
 so a resumed run reads the same data): with probability ``prob``, a span of
 length ``L`` at document position ``p`` (inside the segment, never on its last
 token) becomes a copy of positions ``a .. a + L - 1``, with
-``a + L + min_distance <= p``. Two rules keep the stream exact:
+``a + L + min_distance <= p`` and, when ``max_distance`` is set (e.g. the memory
+size, beyond which a copy could not be found), ``p - a <= max_distance``. Two rules keep the stream exact:
 
 - the last token of a segment is never replaced, so the next segment's first
   source token (the previous segment's last target) stays what it was;
@@ -38,12 +39,18 @@ class DistantRepeats:
     min_len: int
     max_len: int
     min_distance: int
+    max_distance: Optional[int] = None
     seed: int = 1
 
     def __post_init__(self):
         check_repeat_flags("distant-repeat", self.prob, self.min_len, self.max_len)
         if self.min_distance < 0:
             raise MemtrmUserError(f"--distant-repeat-min-distance must be >= 0, got {self.min_distance}")
+        if self.max_distance is not None and self.max_distance < self.min_distance + self.max_len:
+            raise MemtrmUserError(
+                f"--distant-repeat-max-distance {self.max_distance} leaves no room for a copy: make it at least "
+                f"--distant-repeat-min-distance + --distant-repeat-max-len = {self.min_distance + self.max_len}"
+            )
 
     def _proposal(self, doc: int, segment: int, segment_start: int, segment_len: int,
                   epoch: int) -> Optional[Tuple[int, int, int]]:
@@ -58,9 +65,10 @@ class DistantRepeats:
                 return None
             position = segment_start + int(np.random.randint(0, segment_len - length))  # p + L <= end - 1
             latest_origin = position - self.min_distance - length
-            if latest_origin < 0:
+            earliest_origin = 0 if self.max_distance is None else max(0, position - self.max_distance)
+            if latest_origin < earliest_origin:
                 return None
-            return position, int(np.random.randint(0, latest_origin + 1)), length
+            return position, int(np.random.randint(earliest_origin, latest_origin + 1)), length
 
     def plan(self, doc: int, segment: int, tokens_per_sample: int, doc_len: int,
              epoch: int) -> Optional[Tuple[int, int, int]]:

@@ -75,6 +75,9 @@ class DocumentLMConfig(FairseqDataclass):
     distant_repeat_max_len: int = option(64, "longest distant repeat, in tokens")
     distant_repeat_min_distance: Optional[int] = option(
         None, "least distance, in tokens, from a repeat's origin to its copy (default: --tokens-per-sample)")
+    distant_repeat_max_distance: Optional[int] = option(
+        None, "greatest distance, in tokens, from a repeat's origin to its copy, e.g. the memory size (default: "
+        "anywhere earlier in the document)")
     stream_log: Optional[str] = option(
         None,
         "write PREFIX.rankR.jsonl per rank: every training batch's documents, segments, loss and weight digest (for "
@@ -108,7 +111,7 @@ class DocumentLMTask(FairseqTask):
             self.distant_repeats = DistantRepeats(
                 cfg.distant_repeat_prob, cfg.distant_repeat_min_len, cfg.distant_repeat_max_len,
                 cfg.tokens_per_sample if cfg.distant_repeat_min_distance is None else cfg.distant_repeat_min_distance,
-                cfg.seed,
+                cfg.distant_repeat_max_distance, cfg.seed,
             )
         self.memory_bank = None  # the model's, when it has a kNN memory
         self.ranks_on_host = 1
