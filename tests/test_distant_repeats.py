@@ -116,9 +116,15 @@ def test_bad_options_are_clear_errors(dict_dir, flags, message):  # noqa: F811
         build_task(dict_dir, "--arch", "transformer_lm", "--batch-size", "2", *flags)
 
 
-def test_fairseq_train_with_distant_repeats_names_a_bad_flag_in_one_sentence(prepared_data_bin):
-    result = run_command(BIN / "fairseq-train", prepared_data_bin, "--user-dir", PLUGIN, "--task", "document_lm",
-                         "--arch", "transformer_lm", "--distant-repeat-prob", "2", "--batch-size", "2", "--cpu",
-                         "--max-update", "1", check=False)
+def test_fairseq_train_reads_distant_repeats_and_names_a_bad_flag_in_one_sentence(prepared_data_bin, tmp_path):
+    common = ["--user-dir", PLUGIN, "--task", "document_lm", "--tokens-per-sample", "64", "--batch-size", "2",
+              "--optimizer", "adam", "--lr", "1e-3", "--cpu", "--max-update", "3", "--disable-validation",
+              "--save-dir", tmp_path / "ckpt", "--no-save"]
+    run_command(BIN / "fairseq-train", prepared_data_bin, *common, "--arch", "memorizing_transformer_lm_tiny",
+                "--memory-size", "256", "--distant-repeat-prob", "1", "--distant-repeat-max-distance", "1000",
+                "--stream-log", tmp_path / "log")
+    assert len((tmp_path / "log.rank0.jsonl").read_text().splitlines()) == 3
+    result = run_command(BIN / "fairseq-train", prepared_data_bin, *common, "--arch", "transformer_lm",
+                         "--distant-repeat-prob", "2", check=False)
     assert result.returncode != 0 and "--distant-repeat-prob must lie in [0, 1]" in result.stderr + result.stdout
     assert "Traceback" not in result.stderr
