@@ -7,6 +7,7 @@ copies: a model that copies predicts the second far better than the first.
 Used by ``scripts/copy_score.py`` and reported by ``scripts/eval_memory_sweep.py``.
 """
 
+import inspect
 import os
 
 import torch
@@ -166,20 +167,46 @@ def planted_passage_loss(model, documents: torch.Tensor, first_at: int, gap: int
     read as one stream each in segments of ``tokens_per_sample``, the memory (if the
     model has one) reset at the start. Mean loss (nats) on each copy of the passage,
     the first token of each copy excluded: a token ``gap`` tokens back is out of the
-    local context, so only a memory can make the second copy cheaper than the first."""
+    local context, so only a memory can make the second copy cheaper than the first.
+
+    For a model that can record its retrievals, also what the memory found for the
+    second copy's queries, over (memory layer, head, query): ``second_copy_next_found``,
+    the share whose k entries include the first copy's token that the query is to
+    predict (position ``t + 1 - gap``: what a copy needs), ``second_copy_same_found``,
+    the same for the first copy's token equal to the query's (``t - gap``), and
+    ``second_copy_next_weight``, the mean memory attention weight on the first."""
     documents = documents.to(model_device(model))
     bsz, total = documents.shape
+    second = first_at + gap
+    records = "record_retrievals" in inspect.signature(model.forward).parameters
+    queries = (second, second + length - 1)  # the queries that predict the second copy's scored tokens
+    found = {"next": [], "same": [], "weight": []}
     nll = torch.zeros(bsz, total, device=documents.device)  # nll[:, i]: loss of token i
     for start in range(0, total - 1, tokens_per_sample):
         source = documents[:, start : min(start + tokens_per_sample, total - 1)]
         target = documents[:, start + 1 : start + 1 + source.size(1)]
         if hasattr(model, "memory_bank"):
             doc_start = torch.full((bsz,), start == 0, dtype=torch.bool, device=documents.device)
-            logits = model(source, doc_start=doc_start, stream_id=stream_id)[0]
+            lo, hi = max(queries[0], start), min(queries[1], start + source.size(1))
+            record = records and lo < hi
+            logits, extra = model(source, doc_start=doc_start, stream_id=stream_id,
+                                  **({"record_retrievals": True} if record else {}))[:2]
+            for layer_record in (extra.get("retrievals") or {}).values() if record else ():
+                positions = layer_record.retrieval.positions[:, :, lo - start : hi - start]  # (B, H, n, k)
+                query = torch.arange(lo, hi, device=positions.device).view(1, 1, -1, 1)
+                next_entry = positions == query + 1 - gap
+                found["next"].append(next_entry.any(-1).float().flatten())
+                found["same"].append((positions == query - gap).any(-1).float().flatten())
+                found["weight"].append((layer_record.memory_probs[:, :, lo - start : hi - start].float()
+                                        * next_entry).sum(-1).flatten())
         else:
             logits = model(source)[0]
         lprobs = torch.log_softmax(logits.float(), dim=-1)
         nll[:, start + 1 : start + 1 + source.size(1)] = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-    second = first_at + gap
-    return {"first_copy_loss": nll[:, first_at + 1 : first_at + length].mean().item(),
-            "second_copy_loss": nll[:, second + 1 : second + length].mean().item()}
+    result = {"first_copy_loss": nll[:, first_at + 1 : first_at + length].mean().item(),
+              "second_copy_loss": nll[:, second + 1 : second + length].mean().item()}
+    if found["next"]:
+        result.update({f"second_copy_{name}": torch.cat(values).mean().item()
+                       for name, values in (("next_found", found["next"]), ("same_found", found["same"]),
+                                            ("next_weight", found["weight"]))})
+    return result

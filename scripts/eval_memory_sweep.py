@@ -277,6 +277,16 @@ def write_outputs(out, report):
             cells = [f"{r[key]['first_copy_loss']:.3f} | {r[key]['second_copy_loss']:.3f}" if key in r else "- | -"
                      for _, key in kinds]
             lines.append(f"| {r['name']} | {r['memory_size']} | " + " | ".join(cells) + " |")
+        found = [(r, kind, r[key]) for r in probed for kind, key in kinds if "second_copy_next_found" in r.get(key, {})]
+        if found:
+            lines += ["", "What the memory retrieved for the second copy, over (memory layer, head, query): found = "
+                      "the first copy's entry for the token to predict is among the k retrieved (same token: the "
+                      "entry of the query's own token); weight = the memory attention on the first.", "",
+                      "| run | eval memory | passage | found | found, same token | weight |",
+                      "|---|---:|---|---:|---:|---:|"]
+            lines += [f"| {r['name']} | {r['memory_size']} | {kind} | {f['second_copy_next_found']:.1%} | "
+                      f"{f['second_copy_same_found']:.1%} | {f['second_copy_next_weight']:.3f} |"
+                      for r, kind, f in found]
     for gains, between in (("biggest_gains", "gains_between"), ("gptm_gains", "gptm_gains_between")):
         if report.get(gains):
             lines += ["", f"Token types that gain most from memory ({report[between]}):", "",

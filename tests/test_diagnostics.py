@@ -137,3 +137,26 @@ def test_induction_scores_read_fairseqs_own_attention_weights(tmp_path):
                 v_proj_weight=att.v_proj.weight, average_attn_weights=False)  # (B, H, T, T)
         expected = weights[:, :, rows, rows - span + 1].mean(dim=(0, 2))
         assert torch.allclose(got[index], expected, atol=1e-5), index
+
+
+@pytest.mark.parametrize("memory_size,in_memory", [(64, True), (16, False)])
+def test_planted_passage_retrievals_find_the_first_copy_while_memory_holds_it(tmp_path, memory_size, in_memory):
+    """With k = memory size every stored entry is retrieved: the first copy is found by every
+    (layer, head, query) while the memory holds it, and by none once it is evicted."""
+    from lm_builders import build_model, write_dictionary
+
+    write_dictionary(tmp_path, num_symbols=60)
+    model, _ = build_model(tmp_path, "memorizing_transformer_lm_tiny",
+                           ["--memory-size", str(memory_size), "--knn-k", str(memory_size)])
+    generator = torch.Generator().manual_seed(0)
+    documents = torch.stack([plant_passage(torch.randint(4, V, (52,), generator=generator),
+                                           torch.randint(4, V, (8,), generator=generator), 4, 40)
+                             for _ in range(2)])
+    result = planted_passage_loss(model, documents, first_at=4, gap=40, length=8, tokens_per_sample=16)
+    assert result["second_copy_next_found"] == result["second_copy_same_found"] == (1.0 if in_memory else 0.0)
+    if in_memory:
+        assert 0.0 < result["second_copy_next_weight"] <= 1.0
+    else:
+        assert result["second_copy_next_weight"] == 0.0
+    assert "second_copy_next_found" not in planted_passage_loss(
+        Successor(), documents, first_at=4, gap=40, length=8, tokens_per_sample=16)

@@ -112,6 +112,12 @@ def test_sweep_report_has_every_run_with_finite_numbers(chain):
     table = (work / "results" / "memory_sweep.md").read_text()
     assert "Planted passages: 8 tokens written at token 20" in table and "text: a span of another document" in table
     assert "| random: 1st copy | random: 2nd copy | text: 1st copy | text: 2nd copy |" in table
+    # what the memory retrieved for the second copy: nothing at memory 0; at 256 the first copy,
+    # 300 tokens back, has been evicted, so no (layer, head, query) finds it
+    assert "second_copy_next_found" not in no_memory
+    evicted = runs[("paper-memory", 256)]["planted_passage"]
+    assert evicted["second_copy_next_found"] == evicted["second_copy_next_weight"] == 0.0
+    assert "| paper-memory | 256 | random | 0.0% |" in table
 
 
 def test_a_rerun_sweep_reads_every_finished_run_from_its_cache(chain):
