@@ -52,11 +52,13 @@ class DistantRepeats:
                 f"--distant-repeat-min-distance + --distant-repeat-max-len = {self.min_distance + self.max_len}"
             )
 
-    def _proposal(self, doc: int, segment: int, segment_start: int, segment_len: int,
+    def _proposal(self, doc: int, segment: int, tokens_per_sample: int, doc_len: int,
                   epoch: int) -> Optional[Tuple[int, int, int]]:
         """(copy position p, origin a, length L) drawn for a segment, before the overlap rule."""
         if segment == 0 or self.prob <= 0:
             return None
+        segment_start = segment * tokens_per_sample
+        segment_len = min(tokens_per_sample, doc_len - segment_start)
         with data_utils.numpy_seed(self.seed, epoch, doc, segment):
             if np.random.rand() >= self.prob:
                 return None
@@ -73,15 +75,13 @@ class DistantRepeats:
     def plan(self, doc: int, segment: int, tokens_per_sample: int, doc_len: int,
              epoch: int) -> Optional[Tuple[int, int, int]]:
         """(p, a, L) for segment ``segment`` of a document of ``doc_len`` tokens, or None."""
-        start = segment * tokens_per_sample
-        proposal = self._proposal(doc, segment, start, min(tokens_per_sample, doc_len - start), epoch)
+        proposal = self._proposal(doc, segment, tokens_per_sample, doc_len, epoch)
         if proposal is None:
             return None
         _, origin, length = proposal
         first, last = origin // tokens_per_sample, (origin + length - 1) // tokens_per_sample
         for earlier in range(first, last + 1):
-            other = self._proposal(doc, earlier, earlier * tokens_per_sample,
-                                   min(tokens_per_sample, doc_len - earlier * tokens_per_sample), epoch)
+            other = self._proposal(doc, earlier, tokens_per_sample, doc_len, epoch)
             if other is not None and other[0] < origin + length and origin < other[0] + other[2]:
                 return None  # the origin was itself replaced (or may have been): skip this one
         return proposal
