@@ -9,8 +9,10 @@ Used by ``scripts/copy_score.py`` and reported by ``scripts/eval_memory_sweep.py
 
 import inspect
 import os
+from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 
 from fairseq_memtrm.errors import MemtrmUserError
 
@@ -51,41 +53,94 @@ def in_context_score(model, segments: torch.Tensor, early: int = 50, late: int =
     return {"loss_at_early": early_loss, "loss_at_late": late_loss, "in_context_score": late_loss - early_loss}
 
 
+@contextmanager
+def attention_projections(model):
+    """Inside: every forward pass of ``model`` appends, for each decoder layer, that
+    layer's (unscaled) attention queries and keys, each (B, H, T, D), to the list
+    yielded, one entry per layer per pass (layer order). The model: a fairseq decoder
+    whose layers have ``self_attn`` with ``q_proj``/``k_proj``; they are recomputed
+    from the attention's input, so a fused attention kernel hides nothing."""
+    captured, hooks = [], []
+
+    def hook(module, args, kwargs, output):
+        x = kwargs.get("query", args[0] if args else None)  # (T, B, C)
+        length, bsz, _ = x.shape
+
+        def heads(projected):
+            return projected.view(length, bsz, module.num_heads, module.head_dim).permute(1, 2, 0, 3)
+
+        captured.append((heads(module.q_proj(x)), heads(module.k_proj(x))))
+
+    for layer in model.decoder.layers:
+        hooks.append(layer.self_attn.register_forward_hook(hook, with_kwargs=True))
+    try:
+        yield captured
+    finally:
+        for handle in hooks:
+            handle.remove()
+
+
 def induction_scores(model, passages: torch.Tensor) -> torch.Tensor:
     """(layers, heads) mean attention weight that a token of the second copy of ``P P``
     gives to the position just after its first occurrence (Olsson et al.'s induction
     score): a head near 1 copies by looking up "what followed this token last time".
     A kNN memory can copy only through a layer whose heads do that, since it extends
-    the same attention. ``passages``: (N, S); the model: a fairseq decoder whose layers
-    have ``self_attn`` with ``q_proj``/``k_proj`` (attention recomputed from them)."""
+    the same attention. ``passages``: (N, S); the model: as :func:`attention_projections`."""
     span = passages.size(1)
     tokens = torch.cat([passages, passages], dim=1).to(model_device(model))
-    layers = model.decoder.layers
-    scores, hooks = [None] * len(layers), []
-
-    def hook_for(index):
-        def hook(module, args, kwargs, output):
-            x = kwargs.get("query", args[0] if args else None)  # (T, B, C)
-            length, bsz, _ = x.shape
-            heads, dim = module.num_heads, module.head_dim
-            q = (module.q_proj(x) * module.scaling).view(length, bsz, heads, dim).permute(1, 2, 0, 3)
-            k = module.k_proj(x).view(length, bsz, heads, dim).permute(1, 2, 0, 3)
-            logits = q @ k.transpose(-1, -2)
-            causal = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
-            weights = logits.masked_fill(causal, float("-inf")).softmax(dim=-1)  # (B, H, T, T)
-            rows = torch.arange(span + 1, 2 * span, device=x.device)  # second-copy tokens after its first
-            scores[index] = weights[:, :, rows, rows - span + 1].mean(dim=(0, 2)).float().cpu()
-        return hook
-
-    for index, layer in enumerate(layers):
-        hooks.append(layer.self_attn.register_forward_hook(hook_for(index), with_kwargs=True))
-    try:
-        with torch.no_grad():
-            model(tokens)
-    finally:
-        for handle in hooks:
-            handle.remove()
+    with attention_projections(model) as captured, torch.no_grad():
+        model(tokens)
+    scores = []
+    for q, k in captured:
+        length = q.size(2)
+        logits = (q * q.size(-1) ** -0.5) @ k.transpose(-1, -2)
+        causal = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
+        weights = logits.masked_fill(causal, float("-inf")).softmax(dim=-1)  # (B, H, T, T)
+        rows = torch.arange(span + 1, 2 * span, device=q.device)  # second-copy tokens after its first
+        scores.append(weights[:, :, rows, rows - span + 1].mean(dim=(0, 2)).float().cpu())
     return torch.stack(scores)
+
+
+@torch.no_grad()
+def planted_key_ranks(model, documents: torch.Tensor, first_at: int, gap: int, length: int,
+                      tokens_per_sample: int) -> torch.Tensor:
+    """Could a kNN memory find the planted passage through this model's own attention?
+    ``documents`` (B, N) from :func:`plant_passage`, read without memory in segments of
+    ``tokens_per_sample``. For every layer and head, and every second-copy query that
+    predicts a scored token (position ``t``, predicting ``t + 1``), the rank of the first
+    copy's key for that token (position ``t + 1 - gap``: the entry a copy needs) among the
+    keys of every earlier segment (what a memory of unbounded size holds while ``t``'s
+    segment is read), by the memory's score, the cosine of query and key: 0 is the best
+    match, and a memory that reads ``k`` entries can find it where the rank is below ``k``.
+    Returns (layers, heads, B, length - 1) int64."""
+    documents = documents.to(model_device(model))
+    second = first_at + gap
+    end = second + length - 1  # one past the last query
+    first_query_segment = second - second % tokens_per_sample
+    if first_at + length > first_query_segment:
+        raise MemtrmUserError(f"a planted passage at {first_at} and {second} is not a memory's to find with "
+                              f"segments of {tokens_per_sample} tokens: make the gap larger than "
+                              f"{first_query_segment - first_at + tokens_per_sample}")
+    layer_keys, layer_queries = None, None
+    with attention_projections(model) as captured:
+        for start in range(0, end, tokens_per_sample):
+            captured.clear()
+            model(documents[:, start : min(start + tokens_per_sample, end)])
+            if layer_keys is None:
+                layer_keys, layer_queries = [[] for _ in captured], [[] for _ in captured]
+            for index, (q, k) in enumerate(captured):
+                if start < first_query_segment + tokens_per_sample:  # keys a query segment's memory may hold
+                    layer_keys[index].append(F.normalize(k.float(), dim=-1))
+                layer_queries[index].append(F.normalize(q.float(), dim=-1))
+    ranks = []
+    positions = torch.arange(second, end, device=documents.device)
+    for keys, queries in zip(layer_keys, layer_queries):
+        keys, queries = torch.cat(keys, dim=2), torch.cat(queries, dim=2)[:, :, second:end]  # (B, H, *, D)
+        scores = queries @ keys.transpose(-1, -2)  # (B, H, length - 1, N)
+        held = torch.arange(keys.size(2), device=keys.device) < (positions - positions % tokens_per_sample)[:, None]
+        target = scores.gather(-1, (positions + 1 - gap).view(1, 1, -1, 1).expand(*scores.shape[:3], 1))
+        ranks.append(((scores > target) & held).sum(-1).permute(1, 0, 2))  # (H, B, length - 1)
+    return torch.stack(ranks).cpu()
 
 
 def load_passages(data_bin: str, split: str, dictionary, count: int, span: int) -> torch.Tensor:

@@ -77,3 +77,23 @@ def test_a_rerun_rescoring_only_the_checkpoints_written_since(run):
     third, _ = curve(data, work / "curve", work / "short", work / "long")
     assert third[0] == rows[0] and third[2] == rows[2]
     assert third[1]["first_copy_loss"] != rows[1]["first_copy_loss"]
+
+
+def test_copy_score_key_ranks_report_every_layer_and_head(run, tmp_path):
+    """copy_score.py --key-ranks: one median rank and one found share per layer and head and
+    kind of passage; a k larger than the memory's keys finds every copy; a gap no document
+    holds is one sentence."""
+    work, data, _, _ = run
+    command = [BIN / "python", "scripts/copy_score.py", work / "short" / "checkpoint_1_2.pt", data, "--span", "8",
+               "--count", "4", "--key-ranks", "--probe-at", "10", "--probe-gap", "200", "--probe-length", "8",
+               "--tokens-per-sample", "64"]
+    small = json.loads(run_command(*command, "--knn-k", "1").stdout)
+    every = json.loads(run_command(*command, "--knn-k", "100000").stdout)
+    assert set(small["key_ranks"]) == {"random", "text"}
+    for kind, report in every["key_ranks"].items():
+        assert report["found"] == [[1.0, 1.0], [1.0, 1.0]]
+        assert len(small["key_ranks"][kind]["median"]) == 2 and len(small["key_ranks"][kind]["median"][0]) == 2
+        assert all(0.0 <= share <= 1.0 for layer in small["key_ranks"][kind]["found"] for share in layer)
+    assert every["key_rank_layer"] in (0, 1)
+    failed = run_command(*command[:-6], "--probe-gap", "10000000", check=False)
+    assert failed.returncode != 0 and "lower --probe-gap" in failed.stderr and "Traceback" not in failed.stderr

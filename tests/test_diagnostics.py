@@ -160,3 +160,40 @@ def test_planted_passage_retrievals_find_the_first_copy_while_memory_holds_it(tm
         assert result["second_copy_next_weight"] == 0.0
     assert "second_copy_next_found" not in planted_passage_loss(
         Successor(), documents, first_at=4, gap=40, length=8, tokens_per_sample=16)
+
+
+def test_planted_key_ranks_equal_a_by_hand_count_over_the_memorys_keys(tmp_path):
+    """Each rank counts, by hand, the keys of the earlier segments whose cosine with the
+    query beats the first copy's key for the token to predict; a head whose queries and
+    keys are the token embeddings themselves (identity projections) ranks the copy first."""
+    from lm_builders import TINY, build_model, write_dictionary
+
+    from fairseq_memtrm.diagnostics import attention_projections, planted_key_ranks
+
+    write_dictionary(tmp_path)
+    model, _ = build_model(tmp_path, "transformer_lm", TINY)
+    generator = torch.Generator().manual_seed(0)
+    first_at, gap, length, segment = 5, 40, 6, 16
+    documents = torch.stack([plant_passage(torch.randint(4, 60, (60,), generator=generator),
+                                           torch.randint(4, 60, (length,), generator=generator), first_at, gap)
+                             for _ in range(2)])
+    got = planted_key_ranks(model, documents, first_at, gap, length, segment)
+    assert got.shape == (3, 4, 2, length - 1)
+    end = first_at + gap + length - 1
+    with attention_projections(model) as captured, torch.no_grad():
+        for start in range(0, end, segment):
+            model(documents[:, start : min(start + segment, end)])
+    layers = len(model.decoder.layers)
+    for layer in range(layers):
+        q = torch.cat([captured[i][0] for i in range(layer, len(captured), layers)], dim=2)
+        k = torch.cat([captured[i][1] for i in range(layer, len(captured), layers)], dim=2)
+        for head in range(4):
+            for row in range(2):
+                for i, t in enumerate(range(first_at + gap, end)):
+                    held = t - t % segment
+                    score = [torch.cosine_similarity(q[row, head, t], k[row, head, j], dim=0) for j in range(held)]
+                    target = score[t + 1 - gap]
+                    assert got[layer, head, row, i] == sum(int(s > target) for s in score), (layer, head, row, t)
+    assert got.dtype == torch.int64
+    with pytest.raises(MemtrmUserError, match="gap larger"):
+        planted_key_ranks(model, documents, first_at, 8, length, segment)
