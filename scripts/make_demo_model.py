@@ -56,9 +56,14 @@ RECIPES = {
 
 
 def run(command, **env):
+    """Run one step; a failed step has said why (its own message, above): stop with its exit code."""
     logger.info("$ %s", " ".join(map(str, command)))
-    subprocess.run([str(c) for c in command], check=True, cwd=REPO,
-                   env={**os.environ, "BIN": os.path.dirname(sys.executable), **env})
+    done = subprocess.run([str(c) for c in command], cwd=REPO,
+                          env={**os.environ, "BIN": os.path.dirname(sys.executable), **env})
+    if done.returncode != 0:
+        logger.error("step %s failed (exit %d): see its message above", os.path.basename(str(command[1])),
+                     done.returncode)
+        raise SystemExit(done.returncode)
 
 
 def prepare_data(args, recipe, vocabulary=None) -> str:

@@ -51,3 +51,16 @@ def test_without_a_committed_vanilla_or_with_train_vanilla_one_is_trained_on_a_n
     prepare, trained, finetune = plan(module, commands, tmp_path, train_vanilla=True)
     assert trained and "--spm-model" not in prepare
     assert finetune[3].endswith("checkpoints/code/vanilla/checkpoint_last.pt")
+
+
+def test_a_failing_step_stops_with_its_exit_code_and_no_traceback(tmp_path):
+    """The step's own message is the user's; make_demo_model adds one line and exits with its code."""
+    import subprocess
+    import sys
+
+    (tmp_path / "train").mkdir()
+    result = subprocess.run([sys.executable, "scripts/make_demo_model.py", "--corpus", "books", "--books-dir",
+                             str(tmp_path), "--assets", str(tmp_path / "assets"), "--train-vanilla"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "prepare_data.py failed" in result.stderr and "Traceback" not in result.stderr
