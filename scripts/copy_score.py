@@ -9,7 +9,7 @@ first and on the second copy. A model that copies predicts the second copy far
 better; one that does not scores both alike, and memory will not help it.
 
     python scripts/copy_score.py CHECKPOINT DATA_BIN [--split valid] [--span 200]
-        [--induction] [--key-ranks]
+        [--induction] [--key-ranks [--memory-query key] [--memory-shift-keys]]
 
 ``--key-ranks`` asks whether a memory could find a copy through each head: a
 passage planted twice, ``--probe-gap`` tokens apart, in every document of the
@@ -17,7 +17,8 @@ split long enough, read in segments without memory; for each layer and head, the
 rank of the first copy's key for the token to predict among every earlier
 segment's keys, by cosine (the memory's score), its median and the share of
 queries where it is among the top ``--knn-k`` (what a memory reading k entries
-can find), per kind of passage.
+can find), per kind of passage. ``--memory-query key --memory-shift-keys`` ask the
+same of the copying memory (a token's key against each entry's previous-token key).
 
 Works for plain ``transformer_lm`` and plugin checkpoints (memory unused). Prints
 one JSON line.
@@ -50,6 +51,10 @@ def main():
                         help="also report, per layer and head, where the key a copy needs ranks among the keys a "
                         "memory holds, for a planted passage's second copy (the --probe-* flags)")
     parser.add_argument("--knn-k", type=int, default=32, help="--key-ranks: the entries a memory reads per query")
+    parser.add_argument("--memory-query", choices=("query", "key"), default="query",
+                        help="--key-ranks: what a token queries the memory with, as the memory's flag")
+    parser.add_argument("--memory-shift-keys", action="store_true",
+                        help="--key-ranks: each entry keyed by the previous token, as the memory's flag")
     parser.add_argument("--tokens-per-sample", type=int, default=512, help="--key-ranks: the segment length")
     add_probe_arguments(parser)
     args = parser.parse_args()
@@ -87,7 +92,8 @@ def key_ranks(model, args) -> dict:
     report, found = {}, []
     for kind, documents in probes.items():
         ranks = planted_key_ranks(model, documents, args.probe_at, args.probe_gap, args.probe_length,
-                                  args.tokens_per_sample).flatten(2).float()  # (layers, heads, queries)
+                                  args.tokens_per_sample, args.memory_query,
+                                  args.memory_shift_keys).flatten(2).float()  # (layers, heads, queries)
         share = (ranks < args.knn_k).float().mean(-1)
         found.append(share)
         report[kind] = {"documents": documents.size(0), "median": ranks.median(-1).values.int().tolist(),

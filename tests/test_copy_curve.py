@@ -88,7 +88,8 @@ def test_copy_score_key_ranks_report_every_layer_and_head(run, tmp_path):
                "--count", "4", "--key-ranks", "--probe-at", "10", "--probe-gap", "200", "--probe-length", "8",
                "--tokens-per-sample", "64"]
     small = json.loads(run_command(*command, "--knn-k", "1").stdout)
-    every = json.loads(run_command(*command, "--knn-k", "100000").stdout)
+    every = json.loads(run_command(*command, "--knn-k", "100000", "--memory-query", "key",
+                                   "--memory-shift-keys").stdout)
     assert set(small["key_ranks"]) == {"random", "text"}
     for kind, report in every["key_ranks"].items():
         assert report["found"] == [[1.0, 1.0], [1.0, 1.0]]
