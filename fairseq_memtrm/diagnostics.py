@@ -103,7 +103,7 @@ def induction_scores(model, passages: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def planted_key_ranks(model, documents: torch.Tensor, first_at: int, gap: int, length: int,
-                      tokens_per_sample: int) -> torch.Tensor:
+                      tokens_per_sample: int, memory_query: str = "query", shift_keys: bool = False) -> torch.Tensor:
     """Could a kNN memory find the planted passage through this model's own attention?
     ``documents`` (B, N) from :func:`plant_passage`, read without memory in segments of
     ``tokens_per_sample``. For every layer and head, and every second-copy query that
@@ -112,7 +112,12 @@ def planted_key_ranks(model, documents: torch.Tensor, first_at: int, gap: int, l
     keys of every earlier segment (what a memory of unbounded size holds while ``t``'s
     segment is read), by the memory's score, the cosine of query and key: 0 is the best
     match, and a memory that reads ``k`` entries can find it where the rank is below ``k``.
+    ``memory_query="key"`` searches with the token's key instead of its query, and
+    ``shift_keys`` keys the entry of position ``p`` by the key of ``p - 1`` (a document's
+    first token by its own), as the memory's options of those names do.
     Returns (layers, heads, B, length - 1) int64."""
+    if memory_query not in ("query", "key"):
+        raise MemtrmUserError(f"memory_query must be 'query' or 'key', got {memory_query!r}")
     documents = documents.to(model_device(model))
     second = first_at + gap
     end = second + length - 1  # one past the last query
@@ -131,11 +136,13 @@ def planted_key_ranks(model, documents: torch.Tensor, first_at: int, gap: int, l
             for index, (q, k) in enumerate(captured):
                 if start < first_query_segment + tokens_per_sample:  # keys a query segment's memory may hold
                     layer_keys[index].append(F.normalize(k.float(), dim=-1))
-                layer_queries[index].append(F.normalize(q.float(), dim=-1))
+                layer_queries[index].append(F.normalize((k if memory_query == "key" else q).float(), dim=-1))
     ranks = []
     positions = torch.arange(second, end, device=documents.device)
     for keys, queries in zip(layer_keys, layer_queries):
         keys, queries = torch.cat(keys, dim=2), torch.cat(queries, dim=2)[:, :, second:end]  # (B, H, *, D)
+        if shift_keys:
+            keys = torch.cat([keys[:, :, :1], keys[:, :, :-1]], dim=2)
         scores = queries @ keys.transpose(-1, -2)  # (B, H, length - 1, N)
         held = torch.arange(keys.size(2), device=keys.device) < (positions - positions % tokens_per_sample)[:, None]
         target = scores.gather(-1, (positions + 1 - gap).view(1, 1, -1, 1).expand(*scores.shape[:3], 1))

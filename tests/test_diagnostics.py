@@ -177,23 +177,27 @@ def test_planted_key_ranks_equal_a_by_hand_count_over_the_memorys_keys(tmp_path)
     documents = torch.stack([plant_passage(torch.randint(4, 60, (60,), generator=generator),
                                            torch.randint(4, 60, (length,), generator=generator), first_at, gap)
                              for _ in range(2)])
-    got = planted_key_ranks(model, documents, first_at, gap, length, segment)
-    assert got.shape == (3, 4, 2, length - 1)
     end = first_at + gap + length - 1
     with attention_projections(model) as captured, torch.no_grad():
         for start in range(0, end, segment):
             model(documents[:, start : min(start + segment, end)])
     layers = len(model.decoder.layers)
-    for layer in range(layers):
-        q = torch.cat([captured[i][0] for i in range(layer, len(captured), layers)], dim=2)
-        k = torch.cat([captured[i][1] for i in range(layer, len(captured), layers)], dim=2)
-        for head in range(4):
-            for row in range(2):
-                for i, t in enumerate(range(first_at + gap, end)):
-                    held = t - t % segment
-                    score = [torch.cosine_similarity(q[row, head, t], k[row, head, j], dim=0) for j in range(held)]
-                    target = score[t + 1 - gap]
-                    assert got[layer, head, row, i] == sum(int(s > target) for s in score), (layer, head, row, t)
-    assert got.dtype == torch.int64
+    for memory_query, shift_keys in (("query", False), ("key", True), ("key", False)):
+        got = planted_key_ranks(model, documents, first_at, gap, length, segment, memory_query, shift_keys)
+        assert got.shape == (3, 4, 2, length - 1) and got.dtype == torch.int64
+        for layer in range(layers):
+            q = torch.cat([captured[i][0] for i in range(layer, len(captured), layers)], dim=2)
+            k = torch.cat([captured[i][1] for i in range(layer, len(captured), layers)], dim=2)
+            asks = k if memory_query == "key" else q
+            for head in range(4):
+                for row in range(2):
+                    for i, t in enumerate(range(first_at + gap, end)):
+                        held = t - t % segment
+                        # the entry of position j, keyed by j's key, or by j - 1's when shifted
+                        entry_key = [k[row, head, max(j - 1, 0) if shift_keys else j] for j in range(held)]
+                        score = [torch.cosine_similarity(asks[row, head, t], key, dim=0) for key in entry_key]
+                        target = score[t + 1 - gap]
+                        assert got[layer, head, row, i] == sum(int(s > target) for s in score), \
+                            (memory_query, shift_keys, layer, head, row, t)
     with pytest.raises(MemtrmUserError, match="gap larger"):
         planted_key_ranks(model, documents, first_at, 8, length, segment)
