@@ -10,6 +10,11 @@ DROPOUT=${DROPOUT:-0.0}
 TOKENS_PER_SAMPLE=${TOKENS_PER_SAMPLE:-512}
 BATCH_SIZE=${BATCH_SIZE:-4}
 SEED=${SEED:-1}
+# fairseq's default loader (--data-buffer-size 10) fills its queue from a daemon thread, which
+# may still be inside a torch op when the interpreter exits after training: std::terminate,
+# "terminate called without an active exception", exit 134 (pytorch issue 38228). Every run
+# here reads its batches on the main thread instead; a 4 x 512 batch costs microseconds.
+LOADER_OPTIONS=(--data-buffer-size 0)
 CPU_FLAG=()
 if ! "$BIN/python" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     CPU_FLAG=(--cpu)
@@ -32,7 +37,7 @@ finetune_options() {
         --warmup-updates "${WARMUP:-100}" --max-update "$FINETUNE_MAX_UPDATE"
         --seed "$SEED" --save-dir "$1" --no-epoch-checkpoints --save-interval-updates 100
         --keep-interval-updates 1 --disable-validation --log-format simple --log-interval 25
-        "${CPU_FLAG[@]}")
+        "${LOADER_OPTIONS[@]}" "${CPU_FLAG[@]}")
 }
 
 # One training run per save dir: two runs writing into one folder would both exit 0 and

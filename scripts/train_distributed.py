@@ -69,7 +69,8 @@ def rank_command(args, rank: int, world_size: int, port: int):
     launch = ["--distributed-init-method", f"tcp://{args.master_addr}:{port}",
               "--distributed-world-size", str(world_size), "--distributed-rank", str(rank),
               "--distributed-no-spawn", "--device-id", "0"]
-    defaults = ["--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp", "--cpu"]
+    # --data-buffer-size 0: batches read on the main thread, as scripts/common.sh explains
+    defaults = ["--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp", "--cpu", "--data-buffer-size", "0"]
     # defaults first (the user's arguments may change them), the launch last (it may not be changed)
     return [sys.executable, "-m", "fairseq_cli.train", *args.fairseq_args[:1], *defaults,
             *args.fairseq_args[1:], *launch]

@@ -66,7 +66,8 @@ train_phase() {
         --arch transformer_lm "${SHAPE[@]}" --dropout "$DROPOUT" --batch-size "$BATCH_SIZE" \
         --optimizer adam --adam-betas '(0.9, 0.98)' --clip-norm 1.0 \
         --seed "$SEED" --save-dir "$dir" --no-epoch-checkpoints --keep-interval-updates -1 \
-        --disable-validation --log-format simple --log-interval 100 "${CPU_FLAG[@]}" "$@"
+        --disable-validation --log-format simple --log-interval 100 "${LOADER_OPTIONS[@]}" \
+        "${CPU_FLAG[@]}" "$@"
 }
 
 if [ "$COPY_UPDATES" -gt 0 ]; then

@@ -223,7 +223,7 @@ class DocumentLMTask(FairseqTask):
         num_shards: int = 1,
         shard_id: int = 0,
         num_workers: int = 1,
-        data_buffer_size: int = 10,
+        data_buffer_size: int = 0,
         context_window: int = 0,
     ):
         if context_window > 0:
