@@ -19,7 +19,9 @@ configuration and keeps every token's loss, so that it can also report
 The headline perplexity of each configuration is the one ``fairseq-eval-lm``
 prints for the same checkpoint and overrides (tests/test_memory_sweep.py checks
 the two agree). Writes ``OUT/memory_sweep.json``, ``OUT/memory_sweep.md`` and
-``OUT/memory_sweep.png`` (perplexity vs memory size, log-x).
+``OUT/memory_sweep.png`` (perplexity vs memory size, log-x). ``--keep-runs`` adds this
+sweep's runs to the report already in ``OUT`` (measured on the same data with the same
+settings), so that a run trained later joins the comparison without scoring the others again.
 
 Example::
 
@@ -244,6 +246,58 @@ class RunCache:
         os.replace(tmp, self.folder / f"{key}.json")
 
 
+KEPT_SETTINGS = ("subset", "tokens_per_sample", "batch_size", "far_position")
+
+
+def earlier_report(out: Path, args, plan) -> dict:
+    """``--keep-runs``: the report already in ``out``, with only the rows this sweep does
+    not score again (a (run, memory size) of ``plan``; a run scored at its own size
+    replaces every row of its name). Refused, in one sentence, when it was measured on
+    other data or with other settings, where its rows would not compare."""
+    path = out / "memory_sweep.json"
+    if not path.is_file():
+        return {}
+    try:
+        report = json.loads(path.read_text())
+    except ValueError:
+        raise MemtrmUserError(f"--keep-runs: {path} is not a JSON report; move it aside or drop --keep-runs")
+    differ = [f"--{key.replace('_', '-')} {report.get(key)}" for key in KEPT_SETTINGS
+              if report.get(key) != getattr(args, key)]
+    if os.path.normpath(str(report.get("data"))) != os.path.normpath(args.data):
+        differ.append(f"data {report.get('data')}")
+    probe = report.get("planted_passage")
+    if probe and (probe["at"], probe["gap"], probe["length"]) != (args.probe_at, args.probe_gap, args.probe_length):
+        differ.append(f"--probe-at {probe['at']} --probe-gap {probe['gap']} --probe-length {probe['length']}")
+    if differ:
+        raise MemtrmUserError(f"--keep-runs: {path} was measured with {', '.join(differ)}; rerun with those "
+                              "settings, or write to another --out")
+    again = {(name, size) for name, _, size in plan}
+    report["runs"] = [row for row in report["runs"]
+                      if (row["name"], None) not in again and (row["name"], row["memory_size"]) not in again]
+    return report
+
+
+def merge_reports(earlier: dict, report: dict) -> dict:
+    """``report`` with the rows (and what was measured beside them) it keeps from ``earlier``,
+    every row in the order of RUNS, then of memory size."""
+    if not earlier:
+        return report
+    order = {name: index for index, (name, *_) in enumerate(RUNS)}
+    report["runs"] = sorted(earlier["runs"] + report["runs"], key=lambda r: (order[r["name"]], r["memory_size"]))
+    if report.get("vanilla_copy_score") is None:
+        report["vanilla_copy_score"] = earlier.get("vanilla_copy_score")
+    if "planted_passage" in earlier:
+        counts = {**earlier["planted_passage"]["documents"],
+                  **report.get("planted_passage", {}).get("documents", {})}
+        report["planted_passage"] = dict(earlier["planted_passage"], documents=counts)
+    kept = {row["name"] for row in earlier["runs"]}
+    for source, keys in (("paper-memory", ("gains_between", "biggest_gains")),
+                         ("gptm", ("gptm_gains_between", "gptm_gains"))):
+        if source in kept:  # gains between rows this sweep did not score again
+            report.update({key: earlier[key] for key in keys if key in earlier and key not in report})
+    return report
+
+
 def write_outputs(out, report):
     out.mkdir(parents=True, exist_ok=True)
     (out / "memory_sweep.json").write_text(json.dumps(report, indent=2))
@@ -338,6 +392,9 @@ def main(argv=None):
     add_probe_arguments(parser)
     parser.add_argument("--title", default="perplexity vs memory size")
     parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--keep-runs", action="store_true",
+                        help="add to the report already in --out: keep its rows of the runs and memory sizes this "
+                        "sweep does not score (refused if it was measured with other data or settings)")
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--log-format", default=None, choices=["tqdm", "simple", "none", "json"])
     args = parser.parse_args(argv)
@@ -348,14 +405,15 @@ def main(argv=None):
     except ValueError:
         raise MemtrmUserError(f"--memory-sizes expects comma-separated integers, got {args.memory_sizes!r}")
 
-    if not (args.memory_checkpoint or args.longmem_checkpoint or args.gptm_checkpoint):
-        raise MemtrmUserError("nothing with a memory to evaluate: give --memory-checkpoint, --longmem-checkpoint "
-                              "or --gptm-checkpoint")
+    memory_flags = [flag for name, flag, size, _ in RUNS if size == SWEEP or name == "gptm"]
+    if not any(getattr(args, flag[2:].replace("-", "_")) for flag in memory_flags):
+        raise MemtrmUserError(f"nothing with a memory to evaluate: give one of {', '.join(memory_flags)}")
     plan = []
     for name, flag, size, _ in RUNS:
         checkpoint = getattr(args, flag[2:].replace("-", "_"))
         if checkpoint:
             plan += [(name, checkpoint, each) for each in (sizes if size == SWEEP else [size])]
+    earlier = earlier_report(Path(args.out), args, plan) if args.keep_runs else {}
     runs, scored_by_size, vanilla_copy = [], {}, None
     scored_by_run = {}  # the runs GPTm's per-token gains are measured between
     probes, probe_counts = None, {}  # {kind: planted documents}, built once; {kind: how many}
@@ -450,7 +508,7 @@ def main(argv=None):
         dictionary = Dictionary.load(os.path.join(args.data, "dict.txt"))
         report["gptm_gains_between"] = f"{baseline} vs gptm"
         report["gptm_gains"] = biggest_gains(scored_by_run[baseline], scored_by_run["gptm"], dictionary)
-    write_outputs(Path(args.out), report)
+    write_outputs(Path(args.out), merge_reports(earlier, report))
     print((Path(args.out) / "memory_sweep.md").read_text())
 
 

@@ -42,13 +42,14 @@ def chain(tmp_path_factory):
     return work, out
 
 
-def SWEEP(work):
-    return (BIN / "python", "scripts/eval_memory_sweep.py", work / "code", "--memory-checkpoint",
-            work / "memory" / "checkpoint_last.pt", "--copying-memory-checkpoint", work / "copying" / "checkpoint_last.pt",
-            "--control-checkpoint", work / "control" / "checkpoint_last.pt",
-            "--vanilla-checkpoint", work / "vanilla" / "checkpoint_last.pt", "--memory-sizes", "0,256",
+def SWEEP(work, *runs, out=None):
+    runs = runs or ("--memory-checkpoint", work / "memory" / "checkpoint_last.pt", "--copying-memory-checkpoint",
+                    work / "copying" / "checkpoint_last.pt", "--control-checkpoint",
+                    work / "control" / "checkpoint_last.pt", "--vanilla-checkpoint",
+                    work / "vanilla" / "checkpoint_last.pt")
+    return (BIN / "python", "scripts/eval_memory_sweep.py", work / "code", *runs, "--memory-sizes", "0,256",
             "--tokens-per-sample", "64", "--batch-size", "2", "--far-position", "256", "--probe-gap", "300",
-            "--probe-at", "20", "--probe-length", "8", "--out", work / "results", "--cpu", "--log-format", "none")
+            "--probe-at", "20", "--probe-length", "8", "--out", out or work / "results", "--cpu", "--log-format", "none")
 
 
 def test_checkpoint_folders_keep_their_vocabulary_and_refuse_another(chain, tmp_path):
@@ -133,6 +134,36 @@ def test_a_rerun_sweep_reads_every_finished_run_from_its_cache(chain):
     os.utime(control, (control.stat().st_atime, control.stat().st_mtime + 10))
     third = run(*SWEEP(work))
     assert third.count("(cached in") == len(before["runs"]) - 1 and "evaluating control" in third
+
+
+def test_keep_runs_adds_a_run_to_an_earlier_report_and_refuses_other_settings(chain, tmp_path):
+    """A run trained later joins a report: --keep-runs scores only that run and keeps every
+    other row (and the copy score, probe counts and per-token gains measured beside them);
+    a report measured with other settings is refused in one sentence."""
+    import shutil
+
+    work, _ = chain
+    full = json.loads((work / "results" / "memory_sweep.json").read_text())
+    out = tmp_path / "results"
+    shutil.copytree(work / "results", out)  # with its cache: the added run is read from there
+    without = dict(full, runs=[row for row in full["runs"] if row["name"] != "copying-memory"])
+    (out / "memory_sweep.json").write_text(json.dumps(without))
+    copying = ("--copying-memory-checkpoint", work / "copying" / "checkpoint_last.pt")
+    log = run(*SWEEP(work, *copying, out=out), "--keep-runs")
+    assert log.count("(cached in") == 2 and "evaluating" not in log  # copying-memory at 0 and 256 only
+    merged = json.loads((out / "memory_sweep.json").read_text())
+    assert merged["runs"] == full["runs"]  # every row back, in the order of a whole sweep
+    for key in ("vanilla_copy_score", "planted_passage", "biggest_gains", "gains_between"):
+        assert merged[key] == full[key], key
+    assert "| copying-memory | 256 |" in (out / "memory_sweep.md").read_text()
+    again = run(*SWEEP(work, "--memory-checkpoint", work / "memory" / "checkpoint_last.pt", out=out), "--keep-runs")
+    assert json.loads((out / "memory_sweep.json").read_text())["runs"] == full["runs"]  # rows replaced, not doubled
+    assert "(cached in" in again
+    other = [str(a) for a in SWEEP(work, *copying, out=out)]
+    other[other.index("--far-position") + 1] = "128"
+    refused = run_command(*other, "--keep-runs", env=ENV, check=False)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "--keep-runs: " in refused.stderr and "was measured with --far-position 256" in refused.stderr
 
 
 def test_sweep_perplexity_is_fairseq_eval_lm_perplexity(chain):
