@@ -77,6 +77,7 @@ RUNS = (
     ("vanilla", "--vanilla-checkpoint", None, "the transformer_lm checkpoint the others started from"),
 )
 MEMORY_RUNS = tuple(name for name, _, size, _ in RUNS if size == SWEEP)  # one line each in the plot
+MARKERS = "os^Dv<>p"[:len(MEMORY_RUNS)]  # one marker per line
 GAIN_RUNS = ("gptm", "control", "vanilla")  # GPTm's per-token gains: against the control, else the vanilla
 LABELS = {"paper-memory": "memorizing fine-tune (paper's options)",
           "copying-memory": "memorizing fine-tune (copying options)",
@@ -364,11 +365,11 @@ def write_outputs(out, report):
     for colour, name in enumerate(MEMORY_RUNS):
         sweep = [r for r in report["runs"] if r["name"] == name and r["memory_size"] > 0]
         if sweep:
-            ax.plot([r["memory_size"] for r in sweep], [r["ppl"] for r in sweep], "os^"[colour] + "-",
+            ax.plot([r["memory_size"] for r in sweep], [r["ppl"] for r in sweep], MARKERS[colour] + "-",
                     color=f"C{colour}", label=LABELS[name])
             ax.set_xscale("log", base=2)
     baselines = [r for r in report["runs"] if r["name"] not in MEMORY_RUNS or r["memory_size"] == 0]
-    for colour, row in enumerate(baselines, start=len(MEMORY_RUNS)):  # C0-C2: the sweeps' lines
+    for colour, row in enumerate(baselines, start=len(MEMORY_RUNS)):  # C0-C3: the sweeps' lines
         ax.axhline(row["ppl"], linestyle="--", linewidth=1, color=f"C{colour}",
                    label=f"{row['name']} (memory {row['memory_size']})")
     ax.set_xlabel("evaluation memory size (tokens, log scale)")

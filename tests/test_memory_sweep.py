@@ -181,15 +181,12 @@ def test_sweep_perplexity_is_fairseq_eval_lm_perplexity(chain):
 
 def test_retrieval_quality_checks_the_retrieved_tokens_against_the_targets():
     """By hand: two segments of one document; the second retrieves known positions."""
-    import importlib.util
     from types import SimpleNamespace
 
     import torch
     from fairseq_memtrm.memory import Retrieval
 
-    spec = importlib.util.spec_from_file_location("sweep", Path(__file__).parents[1] / "scripts" / "eval_memory_sweep.py")
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    sweep = load_sweep_script()
     doc_tokens = {}
     first = {"net_input": {"src_tokens": torch.tensor([[2, 5, 6, 7]])}, "doc_id": torch.tensor([0]),
              "target": torch.tensor([[5, 6, 7, 8]])}
@@ -209,6 +206,30 @@ def test_retrieval_quality_checks_the_retrieved_tokens_against_the_targets():
     assert seen.tolist() == [True, True, False]  # 5 and 6 came before, 9 did not
     sweep.remember_source_tokens(doc_tokens, second, torch.arange(4, 8)[None], mask)
     assert doc_tokens[0].tolist() == [2, 5, 6, 7, 8, 5, 9]
+
+
+def load_sweep_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sweep", Path(__file__).parents[1] / "scripts" / "eval_memory_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    return sweep
+
+
+def test_a_report_with_every_kind_of_run_is_written(tmp_path):
+    """The committed books report holds all seven runs (four memory sweeps, GPTm, control, vanilla);
+    writing it again gives a table row and planted-passage row per run and a plot (a fifth sweep
+    line once had no marker, and the sweep crashed after scoring every run)."""
+    sweep = load_sweep_script()
+    report = json.loads((Path(__file__).parents[1] / "results" / "books" / "memory_sweep.json").read_text())
+    names = [run["name"] for run in report["runs"]]
+    assert set(sweep.MEMORY_RUNS) <= set(names) and {"gptm", "control", "vanilla"} <= set(names)
+    sweep.write_outputs(tmp_path, report)
+    table = (tmp_path / "memory_sweep.md").read_text()
+    for name in names:
+        assert len(re.findall(rf"^\| {name} \|", table, re.M)) >= 2, name  # perplexity and planted passages
+    assert (tmp_path / "memory_sweep.png").stat().st_size > 10_000
 
 
 def test_an_exported_vanilla_is_installed_instead_of_trained(chain, tmp_path):
