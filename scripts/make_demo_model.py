@@ -21,13 +21,15 @@ reused when its output exists (``--force`` redoes the training):
    layers 0 and 3 (``--memory-layers 0,3``): layer 0's keys are close to the token
    itself, so that the pieces of a name find the name's definition thousands of
    tokens up (the demo shows layer 0), and layer 3 adds perplexity (docs/demo.md);
-   books: at layer 3, the default, which retrieves names better than layer 0 there;
+   books: ``run_experiment.sh``'s copying-memory fine-tune (``checkpoints/books/copying-memory``):
+   memory at layer 2, the committed vanilla's induction layer, 400 updates, gates from
+   sigmoid(-3) moving 500x faster than the other weights (docs/results.md);
 4. export: fp16 weights without optimizer state, with ``spm.model`` and
    ``dict.txt``, to ``demo/assets/CORPUS/`` (<= 25 MB).
 
 ``--checkpoint CKPT --data-bin DIR`` exports an existing fine-tune instead.
 On 2 CPU cores a vanilla trained here takes about 2.3 hours (docs/vanilla.md), the
-fine-tune (code 1,000 updates, books 200) about 40 and 10 minutes.
+fine-tune (code 1,000 updates, books 400) about 40 and 13 minutes.
 ``--checkpoint CKPT --data-bin DIR --export-vanilla`` exports a vanilla as
 ``ASSETS/vanilla.pt`` instead, a base model to fine-tune with ``--vanilla``.
 """
@@ -50,8 +52,11 @@ COPYING_MEMORY = ["--memory-query", "key", "--memory-shift-keys"]
 RECIPES = {
     "code": dict(data_bin="code", finetune_updates=1000,
                  step="memory-keyq-l03", finetune_args=COPYING_MEMORY + ["--memory-layers", "0,3"]),
-    "books": dict(data_bin="books", finetune_updates=200,
-                  step="memory-keyq", finetune_args=COPYING_MEMORY),
+    # books: run_experiment.sh's copying-memory step on the committed vanilla (the same folder, so one
+    # fine-tune serves both): memory at its induction layer 2, gates from sigmoid(-3), 500x faster
+    "books": dict(data_bin="books", finetune_updates=400, step="copying-memory",
+                  finetune_args=COPYING_MEMORY + ["--memory-layers", "2", "--memory-gate-init", "-3",
+                                                  "--memory-param-gain", "500"]),
 }
 
 
