@@ -6,6 +6,12 @@
   only the memory can see the definition). For every piece of the name at the
   call but the first (which the definition cannot predict): is the
   best-weighted retrieval taken from the definition?
+* **position**: the same text read again with a few tokens put before it, so
+  that every token stands elsewhere in its segment: how often does a token's
+  best-weighted retrieval stay the same place of the document? A memory whose
+  keys carried their in-segment position would change most of them (layer 0
+  has no position in its keys; deeper layers mix position into every hidden
+  state, and a segment's context legitimately changes a key);
 * **books**: in the first tokens of a novel, the pieces of names (tokens inside
   a capitalised word that does not start a sentence) last seen 1,000+ tokens
   back: are they among the retrieved entries, and how much does the memory
@@ -108,6 +114,26 @@ def name_recall(demo: DemoModel, text: str, num_tokens: int = 12000, min_distanc
                       float(np.nanmean(gain[SEGMENT:])), copied_from)
 
 
+def shift_stability(model, token_ids, shift: int = 5, positions: Optional[List[int]] = None,
+                    segment_length: int = SEGMENT, memory_size: int = MEMORY, knn_k: int = K) -> float:
+    """Read ``token_ids`` and, again, with its first ``shift`` tokens put before it: the share of
+    ``positions`` (default: every token past the first two segments) whose best-weighted
+    retrieval is the same place of the document in both reads (tokens without one skipped)."""
+    token_ids = list(token_ids)
+    if not 0 < shift < segment_length or len(token_ids) <= shift:
+        raise MemtrmUserError(f"the shift must lie in 1..{segment_length - 1} and be shorter than the text")
+    settings = dict(segment_length=segment_length, memory_size=memory_size, knn_k=knn_k)
+    plain = build_report(model, token_ids, stream_id="check-shift-0", **settings)
+    moved = build_report(model, token_ids[:shift] + token_ids, stream_id="check-shift-1", **settings)
+    if positions is None:
+        positions = range(2 * segment_length, len(token_ids))
+    same = [plain.entry_positions[i, 0] == moved.entry_positions[i + shift, 0] - shift for i in positions
+            if plain.entry_positions[i, 0] >= 0 and moved.entry_positions[i + shift, 0] >= 0]
+    if not same:
+        raise MemtrmUserError("no token of the text retrieves anything: read a text longer than two segments")
+    return float(np.mean(same))
+
+
 def main(argv: Optional[List[str]] = None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True,
@@ -116,6 +142,7 @@ def main(argv: Optional[List[str]] = None):
                         "next to the checkpoint, then its data-bin)")
     parser.add_argument("--book", default=None, help="a novel (.txt) for the names check; without it, code only")
     parser.add_argument("--book-tokens", type=int, default=12000, help="tokens of the novel to read")
+    parser.add_argument("--shift", type=int, default=5, help="position check: tokens put before the text")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.WARNING)
     try:
@@ -129,6 +156,10 @@ def main(argv: Optional[List[str]] = None):
             print(f"far call  {name:<28} ({module:<11}): definition is the best retrieval for "
                   f"{sum(hits)} of {len(hits)} name pieces")
         print(f"far call  all: {sum(every)} of {len(every)}")
+        sample = Path(os.path.dirname(os.__file__), "argparse.py").read_text(encoding="utf-8")
+        stable = shift_stability(demo.model, demo.encode(sample)[:4 * SEGMENT], args.shift)
+        print(f"position  argparse.py, first {4 * SEGMENT} tokens read again {args.shift} tokens later in their "
+              f"segments: the best retrieval is the same place for {stable:.1%} of the tokens past the second segment")
         if args.book:
             result = name_recall(demo, Path(args.book).read_text(encoding="utf-8"), args.book_tokens)
             print(f"names     {os.path.basename(args.book)}, first {args.book_tokens} tokens: {result.pieces} name "

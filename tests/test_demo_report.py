@@ -91,6 +91,21 @@ def test_the_planted_repeats_source_is_the_top_retrieval(same_token_model):
         assert set(top.heads) == set(range(HEADS))  # every head agrees
 
 
+def test_the_position_check_follows_each_token_to_its_new_place(same_token_model):
+    """demo/checks.py's position check: the planted repeat (its source unique in the text) keeps its
+    source as best retrieval when 3 tokens are put before the text, a shorter text says why."""
+    from demo.checks import shift_stability
+
+    model, dictionary = same_token_model
+    tokens = planted_document(dictionary, source=10, repeat=330).tolist()
+    repeat = [330 + offset for offset in range(1, PLANTED + 1)]
+    settings = dict(segment_length=64, memory_size=1024, knn_k=4)
+    assert shift_stability(model, tokens, 3, repeat, **settings) == 1.0
+    assert 0 < shift_stability(model, tokens, 3, **settings) <= 1
+    with pytest.raises(SystemExit, match="longer than two segments"):
+        shift_stability(model, tokens[:100], 3, **settings)
+
+
 def test_scores_and_positions_equal_brute_force_cosine(same_token_model):
     model, dictionary = same_token_model
     tokens = planted_document(dictionary, seed=1)
