@@ -18,11 +18,14 @@
 # from scratch). VANILLA_FROM=FILE installs an exported vanilla (make_demo_model.py
 # --export-vanilla, e.g. the committed demo/assets/books/vanilla.pt, with its spm.model and
 # dict.txt beside it) as SAVE_DIR/checkpoint_last.pt instead of training, when SAVE_DIR has none.
+# INIT_FROM=FILE starts from a vanilla that copies, trained on another vocabulary (its dict.txt
+# beside it): scripts/transplant_vanilla.py keeps its layers, rebuilds its embeddings for DATA_BIN's
+# dictionary into SAVE_DIR/transplanted.pt, and the context phase trains from there (no copy phase).
 #
 #   scripts/train_vanilla.sh DATA_BIN SAVE_DIR [extra fairseq-train args, both phases]
 #   env: COPY_UPDATES, COPY_TOKENS_PER_SAMPLE, REPEAT_PROB, COPY_LR (1e-3), MAX_UPDATE, LR,
 #        CONTEXT_REPEAT_PROB (0: plain language_modeling in phase 2), DROPOUT (0), TOKENS_PER_SAMPLE, BATCH_SIZE, SEED,
-#        VANILLA_FROM
+#        VANILLA_FROM, INIT_FROM
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
@@ -33,6 +36,10 @@ COPY_UPDATES=${COPY_UPDATES:-30000}
 MAX=${MAX_UPDATE:-3500}
 COPY_DIR=$SAVE/copy-phase
 same_vocabulary "$SAVE" "$DATA"  # refused before the lock creates SAVE_DIR
+if [ -n "${INIT_FROM:-}" ] && [ -n "${VANILLA_FROM:-}" ]; then
+    echo "train_vanilla.sh: set INIT_FROM (train from a transplanted vanilla) or VANILLA_FROM (install one), not both" >&2
+    exit 2
+fi
 if [ -n "${VANILLA_FROM:-}" ] && [ ! -f "$SAVE/checkpoint_last.pt" ]; then
     require_checkpoint VANILLA_FROM "$VANILLA_FROM"
     for name in dict.txt spm.model; do
@@ -43,6 +50,10 @@ if [ -n "${VANILLA_FROM:-}" ] && [ ! -f "$SAVE/checkpoint_last.pt" ]; then
         fi
     done
     same_vocabulary "$(dirname "$VANILLA_FROM")" "$DATA"
+fi
+if [ -n "${INIT_FROM:-}" ]; then
+    require_checkpoint INIT_FROM "$INIT_FROM"
+    COPY_UPDATES=0  # the transplanted vanilla copies already
 fi
 lock_save_dir "$SAVE"
 keep_vocabulary "$SAVE" "$DATA"
@@ -57,6 +68,10 @@ if [ -n "${VANILLA_FROM:-}" ] && cmp -s "$VANILLA_FROM" "$SAVE/checkpoint_last.p
     exit 2
 fi
 stop_if_trained "$SAVE" "$MAX"  # a finished vanilla needs neither phase
+if [ -n "${INIT_FROM:-}" ] && [ ! -f "$SAVE/transplanted.pt" ]; then
+    "$BIN/python" scripts/transplant_vanilla.py --from "$INIT_FROM" --dict "$DATA/dict.txt" \
+        --out "$SAVE/transplanted.pt" 2> >(grep -v -e tensorboardX -e faiss >&2)
+fi
 
 # One fairseq-train run of the vanilla shape: train_phase SAVE_DIR [args]
 train_phase() {
@@ -89,6 +104,8 @@ if [ "$COPY_UPDATES" -gt 0 ]; then
             --max-update "$COPY_UPDATES" --save-interval-updates "${SAVE_EVERY:-1000}" "$@"
     fi
     FROM+=(--finetune-from-model "$COPY_DIR/checkpoint_last.pt")
+elif [ -n "${INIT_FROM:-}" ]; then
+    FROM=(--finetune-from-model "$SAVE/transplanted.pt")
 else
     FROM=()
 fi
