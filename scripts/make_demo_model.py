@@ -2,10 +2,12 @@
 """Build a demo model: a corpus experiment's memorizing fine-tune, exported.
 
 The demo serves one model per corpus (``demo/assets/code/``, ``demo/assets/books/``),
-each the memorizing fine-tune of that corpus's experiment (README "Results", the
-same scripts), with a memory that copies: queried with each token's key and keyed
-by the previous token (``--memory-query key --memory-shift-keys``). Steps, each
-reused when its output exists (``--force`` redoes the training):
+each a memorizing fine-tune of that corpus's experiment (README "Results", the
+same scripts), with the memory options that retrieve best there (docs/demo.md):
+code the paper's (a token's query retrieves keys), books the memory that copies
+(queried with each token's key and keyed by the previous token: ``--memory-query
+key --memory-shift-keys``). Steps, each reused when its output exists (``--force``
+redoes the training):
 
 1. data: ``scripts/prepare_data.py`` (SentencePiece 8K) -> ``data-bin/NAME`` with
    ``dict.txt`` and ``spm.model``. code: the running interpreter's standard
@@ -15,21 +17,19 @@ reused when its output exists (``--force`` redoes the training):
    is what the memory extends. By default the committed ``demo/assets/CORPUS/vanilla.pt``
    (then step 1 reuses its ``spm.model`` and ``dict.txt``), else ``--vanilla CKPT``;
    without either, or with ``--train-vanilla``, ``scripts/train_vanilla.sh`` trains one
-   (its two-phase recipe, docs/vanilla.md);
+   (books: its two-phase recipe; code: from the committed books vanilla, ``INIT_FROM``,
+   3,000 updates: docs/vanilla.md);
 3. ``scripts/finetune_memory.sh``: ``memorizing_transformer_lm`` from it, with a
-   65K memory over whole documents (``--task document_lm``). code: memory at
-   layers 0 and 3 (``--memory-layers 0,3``): layer 0's keys are close to the token
-   itself, so that the pieces of a name find the name's definition thousands of
-   tokens up (the demo shows layer 0), and layer 3 adds perplexity (docs/demo.md);
-   books: ``run_experiment.sh``'s copying-memory fine-tune (``checkpoints/books/copying-memory``):
-   memory at layer 2, the committed vanilla's induction layer, 400 updates, gates from
-   sigmoid(-3) moving 500x faster than the other weights (docs/results.md);
+   65K memory over whole documents (``--task document_lm``): ``run_experiment.sh``'s
+   fine-tune (code: ``checkpoints/code/memory``, books: ``checkpoints/books/copying-memory``): memory at layer 2,
+   the committed vanillas' induction layer, 400 updates, gates from sigmoid(-3) moving
+   500x faster than the other weights (docs/results.md);
 4. export: fp16 weights without optimizer state, with ``spm.model`` and
    ``dict.txt``, to ``demo/assets/CORPUS/`` (<= 25 MB).
 
 ``--checkpoint CKPT --data-bin DIR`` exports an existing fine-tune instead.
-On 2 CPU cores a vanilla trained here takes about 2.3 hours (docs/vanilla.md), the
-fine-tune (code 1,000 updates, books 400) about 40 and 13 minutes.
+On 2 CPU cores a vanilla trained here takes about 2.3 hours (books) or 1 hour (code)
+(docs/vanilla.md), the fine-tune about 15 minutes.
 ``--checkpoint CKPT --data-bin DIR --export-vanilla`` exports a vanilla as
 ``ASSETS/vanilla.pt`` instead, a base model to fine-tune with ``--vanilla``.
 """
@@ -48,15 +48,22 @@ logger = logging.getLogger("make_demo_model")
 
 MAX_CHECKPOINT_BYTES = 25 * 2**20
 COPYING_MEMORY = ["--memory-query", "key", "--memory-shift-keys"]
-#: corpus -> data-bin name, fine-tune updates and options (the vanilla: train_vanilla.sh's recipe)
+# run_experiment.sh's fine-tunes of the corpus's committed vanilla (the same folders, so that
+# one fine-tune serves both): memory at the vanilla's induction layer 2, gates from sigmoid(-3)
+# moving 500x faster than the other weights, 400 updates
+FINETUNE = ["--memory-layers", "2", "--memory-gate-init", "-3", "--memory-param-gain", "500"]
+#: corpus -> data-bin name, the fine-tune (the memory options that retrieve best on the corpus,
+#: docs/demo.md), and the environment of train_vanilla.sh when a vanilla is trained here
 RECIPES = {
-    "code": dict(data_bin="code", finetune_updates=1000,
-                 step="memory-keyq-l03", finetune_args=COPYING_MEMORY + ["--memory-layers", "0,3"]),
-    # books: run_experiment.sh's copying-memory step on the committed vanilla (the same folder, so one
-    # fine-tune serves both): memory at its induction layer 2, gates from sigmoid(-3), 500x faster
+    # code: the paper's memory (query -> keys); copying is slow to appear on the standard library,
+    # so a code vanilla starts from the committed books vanilla, its embeddings rebuilt for the
+    # code vocabulary (docs/vanilla.md)
+    "code": dict(data_bin="code", finetune_updates=400, step="memory", finetune_args=FINETUNE,
+                 vanilla_env={"INIT_FROM": os.path.join(REPO, "demo", "assets", "books", "vanilla.pt"),
+                              "MAX_UPDATE": "3000"}),
+    # books: the copying memory (key query, shifted keys)
     "books": dict(data_bin="books", finetune_updates=400, step="copying-memory",
-                  finetune_args=COPYING_MEMORY + ["--memory-layers", "2", "--memory-gate-init", "-3",
-                                                  "--memory-param-gain", "500"]),
+                  finetune_args=COPYING_MEMORY + FINETUNE, vanilla_env={}),
 }
 
 
@@ -105,7 +112,7 @@ def build(args, recipe) -> str:
     if vanilla is None:
         vanilla = os.path.join(work, "vanilla", "checkpoint_last.pt")
         run(["bash", "scripts/train_vanilla.sh", data_bin, os.path.dirname(vanilla)],
-            **({"MAX_UPDATE": str(args.vanilla_updates)} if args.vanilla_updates else {}))
+            **{**recipe["vanilla_env"], **({"MAX_UPDATE": str(args.vanilla_updates)} if args.vanilla_updates else {})})
     run(["bash", "scripts/finetune_memory.sh", data_bin, vanilla,
          os.path.join(work, recipe["step"]), *recipe["finetune_args"]],
         MAX_UPDATE=str(args.finetune_updates or recipe["finetune_updates"]), MEMORY_SIZE=str(args.memory_size))

@@ -269,16 +269,18 @@ def test_bad_documents_get_clear_errors(tmp_path):
 
 
 @pytest.mark.parametrize("corpus", sorted(DEMO_CHECKPOINTS))
-def test_committed_demo_models_are_small_fp16_copying_memories(corpus):
-    """Each committed demo model: fp16, <= 25 MB, its tokenizer beside it, and the
-    memory that copies (key query, shifted keys) that make_demo_model.py trains."""
+def test_committed_demo_models_are_small_fp16_with_their_recipes_memory(corpus):
+    """Each committed demo model: fp16, <= 25 MB, its tokenizer beside it, and the memory
+    make_demo_model.py trains: code the paper's (query -> keys), books the one that copies
+    (key query, shifted keys); both at layer 2, the committed vanillas' induction layer."""
     checkpoint = DEMO_CHECKPOINTS[corpus]
     assert os.path.getsize(checkpoint) <= 25 * 2**20
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     assert {t.dtype for t in state["model"].values() if t.is_floating_point()} == {torch.float16}
     assert state["last_optimizer_state"] is None
     model_cfg = state["cfg"]["model"]
-    assert [model_cfg[k] for k in ("memory_query", "memory_shift_keys", "memory_size")] == ["key", True, 65536]
+    expected = {"code": ["query", False, 65536, "2"], "books": ["key", True, 65536, "2"]}[corpus]
+    assert [model_cfg[k] for k in ("memory_query", "memory_shift_keys", "memory_size", "memory_layers")] == expected
     for name in ("spm.model", "dict.txt"):
         assert os.path.isfile(os.path.join(os.path.dirname(checkpoint), name))
 
@@ -406,17 +408,18 @@ def test_app_shows_bad_input_as_a_message(tmp_path):
 def test_committed_code_model_retrieves_functions_defined_far_above_their_call():
     """The issue's bar for code: at the call of a function defined ~8,400 tokens
     above, the best-weighted retrieval of most of the name's pieces is the
-    definition (the code model: 5 of 8; the layer-3 model it replaced: 0). Names
-    made of words the module uses elsewhere (merge, sorted, shell, config) are
-    harder for a memory keyed at layer 0: each still gets at least one piece from
-    its definition, and over all four at least a third do (measured: 9 of 21)."""
+    definition (the code model, the paper's memory at layer 2 of the copying code
+    vanilla: 6 of 8; the layer-0/3 model before it: 5; the same vanilla's copying
+    memory: 4). Names made of words the module uses elsewhere (merge, sorted) are
+    harder: each still gets at least one piece from its definition, and over all
+    four most do (measured: 14 of 21; the model before: 9)."""
     demo = load_demo_model(DEMO_CHECKPOINT, cpu=True, segment_length=512)
     results = {name: far_call_retrievals(demo, name, module, call) for name, module, call in FAR_CALLS}
     frobnicate = results["frobnicate_widget_counter"]
-    assert sum(frobnicate) >= len(frobnicate) / 2, results
+    assert sum(frobnicate) >= 5, results
     assert all(any(hits) for hits in results.values()), results
     every = [hit for hits in results.values() for hit in hits]
-    assert sum(every) >= len(every) / 3, results
+    assert sum(every) >= 12, results
 
 
 BOOKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "books"
