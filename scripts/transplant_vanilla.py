@@ -26,6 +26,7 @@ import torch
 from fairseq_memtrm.errors import MemtrmUserError, run_script
 
 EMBEDDINGS = "decoder.embed_tokens.weight"
+OUTPUT_PROJECTION = "decoder.output_projection.weight"  # tied: the same tensor
 
 
 def transplant(state: dict, source_dict, target_dict) -> int:
@@ -37,29 +38,30 @@ def transplant(state: dict, source_dict, target_dict) -> int:
         raise MemtrmUserError(
             f"the checkpoint has {old.shape[0]} token embeddings but its dictionary {len(source_dict)} "
             f"entries; pass the dict.txt it was trained with as --from-dict")
-    if "decoder.output_projection.weight" in model and not torch.equal(model["decoder.output_projection.weight"], old):
+    if OUTPUT_PROJECTION in model and not torch.equal(model[OUTPUT_PROJECTION], old):
         raise MemtrmUserError("the checkpoint's output projection is not tied to its embeddings "
                               "(--share-decoder-input-output-embed); only tied vanillas can be transplanted")
-    kept, new = 0, torch.empty(len(target_dict), old.shape[1], dtype=old.dtype)
-    shared = set()
+    new = torch.empty(len(target_dict), old.shape[1], dtype=old.dtype)
+    fresh = []
     for index, symbol in enumerate(target_dict.symbols):
         source_index = source_dict.indices.get(symbol)
-        if source_index is not None:
+        if source_index is None:
+            fresh.append(index)
+        else:
             new[index] = old[source_index]
-            shared.add(source_index)
-            kept += 1
     # The other pieces take the vectors of the source's unused pieces, in frequency order
     # (dict.txt's), one each: trained vectors, not random ones (random ones of the same
     # scale break the copying, docs/vanilla.md); a target with more new pieces than the
-    # source has unused ones reuses them from the start.
-    spare = [i for i in range(source_dict.nspecial, len(source_dict)) if i not in shared]
-    fresh = [i for i, symbol in enumerate(target_dict.symbols) if symbol not in source_dict.indices]
+    # source has unused ones reuses them from the start (every source piece, if none is unused).
+    used = {source_dict.indices[s] for s in target_dict.symbols if s in source_dict.indices}
+    spare = [i for i in range(source_dict.nspecial, len(source_dict)) if i not in used] or \
+        list(range(source_dict.nspecial, len(source_dict)))
     for n, index in enumerate(fresh):
         new[index] = old[spare[n % len(spare)]]
     model[EMBEDDINGS] = new
-    if "decoder.output_projection.weight" in model:
-        model["decoder.output_projection.weight"] = new
-    return kept
+    if OUTPUT_PROJECTION in model:
+        model[OUTPUT_PROJECTION] = new
+    return len(target_dict) - len(fresh)
 
 
 def main():
