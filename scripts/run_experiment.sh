@@ -8,7 +8,8 @@
 #       (document_lm --distant-repeat-prob DISTANT_REPEAT_PROB, 0.5, copies from at most
 #       TRAIN_MEMORY tokens back; not in the default STEPS)
 #                                                           -> CKPT/NAME/repeat-memory
-#   5. LongMem SideNet over the frozen vanilla (65K)        -> CKPT/NAME/longmem
+#   5. LongMem SideNet over the frozen vanilla (65K), its side layers' residual and its
+#      memory gated from sigmoid(GATE_INIT), so that it starts at the vanilla -> CKPT/NAME/longmem
 #   6. GPTm: a differentiable memory matrix (GPTM_SLOTS)   -> CKPT/NAME/gptm
 #   7. sweep of evaluation memory sizes    -> RESULTS/NAME/memory_sweep.{json,md,png}
 #      (runs vanilla, control, paper-memory, copying-memory, repeat-memory, longmem, gptm; a killed sweep
@@ -57,7 +58,8 @@ step copying-memory && timed copying-memory "${FINETUNE[@]}" scripts/finetune_me
 step repeat-memory && timed repeat-memory "${FINETUNE[@]}" scripts/finetune_memory.sh "$DATA" "$VANILLA" \
     "$CKPT/repeat-memory" --distant-repeat-prob "${DISTANT_REPEAT_PROB:-0.5}" \
     --distant-repeat-max-distance "${TRAIN_MEMORY:-65536}"
-step longmem && timed longmem "${FINETUNE[@]}" scripts/finetune_longmem.sh "$DATA" "$VANILLA" "$CKPT/longmem"
+step longmem && timed longmem "${FINETUNE[@]}" scripts/finetune_longmem.sh "$DATA" "$VANILLA" "$CKPT/longmem" \
+    --side-residual-gate-init "$GATE_INIT" --memory-gate-init "$GATE_INIT"
 step gptm && timed gptm "${FINETUNE[@]}" scripts/finetune_gptm.sh "$DATA" "$VANILLA" "$CKPT/gptm"
 if step sweep; then
     SWEEP_RUNS=()

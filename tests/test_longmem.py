@@ -118,6 +118,52 @@ def test_empty_memory_gives_the_side_layers_without_memory_and_writes_the_backbo
     assert not torch.allclose(again, expected, atol=1e-3)
 
 
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_residual_gate_blends_each_side_step_into_the_backbone(data_dir, backbones, norm):
+    """--side-residual-gate-init: x_{i+1} = h[end] + g_i (layer_i(x_i) - h[start]) by hand; a
+    closed gate gives the backbone's own logits, and the gate learns (a gradient, stored / gain)."""
+    cfg, task, model = side_model(data_dir, backbones[norm], ["--side-residual-gate-init", "-1.5",
+                                                               "--memory-param-gain", "10"])
+    model.eval()
+    decoder = model.decoder
+    assert decoder.residual_gate.tolist() == pytest.approx([-0.15, -0.15])  # moves 10x faster than stored
+    with torch.no_grad():
+        decoder.residual_gate.copy_(torch.tensor([-0.1, 0.2]))  # g = sigmoid(-1), sigmoid(2)
+    gates = torch.sigmoid(torch.tensor([-1.0, 2.0]))
+    torch.testing.assert_close(decoder.residual_gates(), gates)
+    tokens = random_tokens(task, 2, 16)
+    with torch.no_grad():
+        states = decoder.backbone.hidden_states(tokens)
+        x = states[0]
+        mask = decoder.backbone.decoder.buffered_future_mask(x)
+        for layer, gate, (start, end) in zip(decoder.layers, gates, decoder.spans):
+            y = layer(x, self_attn_mask=mask, self_attn_padding_mask=None)[0]  # memory unbound: local only
+            x = states[end] + gate * (y - states[start])
+        expected = decoder.output_layer(decoder.extract_features(tokens)[0])
+        by_hand = x if decoder.layer_norm is None else decoder.layer_norm(x)
+        by_hand = by_hand.transpose(0, 1)
+        if decoder.backbone.decoder.project_out_dim is not None:
+            by_hand = decoder.backbone.decoder.project_out_dim(by_hand)
+        torch.testing.assert_close(decoder.output_layer(by_hand), expected, rtol=1e-5, atol=1e-5)
+
+        decoder.residual_gate.fill_(-4.0)  # g = sigmoid(-40): the backbone itself
+        closed = model(tokens, doc_start=torch.tensor([True, True]), stream_id="test")[0]
+        backbone_logits = decoder.backbone.decoder(tokens)[0]
+    torch.testing.assert_close(closed, backbone_logits, rtol=1e-5, atol=1e-5)
+    model.train()
+    with torch.no_grad():
+        decoder.residual_gate.fill_(0.0)
+    loss = model(tokens, doc_start=torch.tensor([True, True]), stream_id="grad")[0].logsumexp(-1).mean()
+    loss.backward()
+    assert decoder.residual_gate.grad is not None and decoder.residual_gate.grad.abs().min() > 0
+
+
+def test_a_side_net_without_residual_gate_has_none(data_dir, backbones):
+    _, _, model = side_model(data_dir, backbones["post"])
+    assert model.decoder.residual_gate is None and model.decoder.residual_gates() is None
+    assert not any("residual_gate" in key for key in model.state_dict())
+
+
 def test_backbone_never_changes_through_fairseq_trainer_steps(data_dir, backbones):
     from fairseq.trainer import Trainer
 

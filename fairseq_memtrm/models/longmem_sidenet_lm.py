@@ -22,7 +22,7 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from fairseq.dataclass import ChoiceEnum
@@ -69,6 +69,12 @@ class LongMemSideNetConfig(MemoryConfig):
         "backbone",
         "initialise side layer i from the last backbone layer of its span (every other layer when the SideNet has "
         "half the depth), or randomly")
+    side_residual_gate_init: Optional[float] = option(
+        None,
+        "give each side layer a learned gate g = sigmoid(b) on its step, x_{i+1} = h[end] + g (layer(x_i) - "
+        "h[start]), starting at this logit b and moving --memory-param-gain times faster than the other weights "
+        "(g = 1 is the cross-network residual; a low start keeps the model at its backbone's output); unset: the "
+        "residual without a gate")
     side_memory_layer: int = option(
         -1,
         "0-based SideNet layer that reads the memory; -1: the one at three quarters of the depth")
@@ -249,7 +255,8 @@ def build_side_decoder(args, backbone: FrozenBackbone) -> ResidualSideNetDecoder
     if layer_norm is not None:
         for parameter in layer_norm.parameters():
             parameter.requires_grad_(True)
-    return ResidualSideNetDecoder(backbone, layers, spans, memory_layer_id, source_layer, layer_norm)
+    return ResidualSideNetDecoder(backbone, layers, spans, memory_layer_id, source_layer, layer_norm,
+                                  residual_gate_init=args.side_residual_gate_init, gain=args.memory_param_gain)
 
 
 # -------------------------------------------------------------------- archs

@@ -22,6 +22,18 @@ backbone writes the memory, a trainable residual SideNet reads it.
   retrieves itself. Embeddings, positions and the output projection (adaptive
   softmax included) are the backbone's, shared and frozen.
 
+  With a residual gate (``residual_gate_init``), each side layer's step is
+  blended in from the backbone by a learned scalar ``g_i = sigmoid(b_i)``:
+
+      x_{i+1} = h[end_i] + g_i * (layer_i(x_i) - h[start_i])
+
+  ``g_i = 1`` is the residual above; ``g_i`` near 0 gives the backbone's own
+  hidden states, so a SideNet whose gates start low starts as its backbone
+  (copied layers added to the backbone's progress do not: the sum counts each
+  copied layer's change twice). The gates are stored divided by ``gain`` so
+  that Adam moves them that many times faster than the other weights, as the
+  memory gates are.
+
 Shapes: ``T`` tokens per segment, ``B`` streams (batch rows), ``C`` model dims,
 ``H`` heads of ``D`` dims.
 """
@@ -102,7 +114,8 @@ class ResidualSideNetDecoder(FairseqDecoder):
     """Side layers over a frozen backbone; see the module docstring."""
 
     def __init__(self, backbone: FrozenBackbone, layers: Sequence[nn.Module], spans: Sequence[Tuple[int, int]],
-                 memory_layer_id: int, memory_source_layer: int, layer_norm: Optional[nn.Module]):
+                 memory_layer_id: int, memory_source_layer: int, layer_norm: Optional[nn.Module],
+                 residual_gate_init: Optional[float] = None, gain: float = 1.0):
         super().__init__(backbone.decoder.dictionary)
         assert len(layers) == len(spans)
         self.backbone = backbone
@@ -112,6 +125,16 @@ class ResidualSideNetDecoder(FairseqDecoder):
         self.memory_source_layer = memory_source_layer
         self.layer_norm = layer_norm
         self.padding_idx = backbone.decoder.padding_idx
+        self.residual_gate = None  # (S,) logits / gain, or None: LongMem's residual as published
+        if residual_gate_init is not None:
+            self.register_buffer("residual_gate_gain", torch.tensor(float(gain)))
+            self.residual_gate = nn.Parameter(torch.full((len(layers),), float(residual_gate_init) / gain))
+
+    def residual_gates(self) -> Optional[Tensor]:
+        """(S,) each side layer's ``g_i``, or None when the SideNet has no residual gate."""
+        if self.residual_gate is None:
+            return None
+        return torch.sigmoid(self.residual_gate * self.residual_gate_gain)
 
     @property
     def memory_attention(self) -> KNNAugmentedAttention:
@@ -132,9 +155,13 @@ class ResidualSideNetDecoder(FairseqDecoder):
             padding_mask = None
         future_mask = self.backbone.decoder.buffered_future_mask(x)
         inner_states = [x]
-        for layer, (start, end) in zip(self.layers, self.spans):
-            x, _, _ = layer(x, self_attn_mask=future_mask, self_attn_padding_mask=padding_mask)
-            x = x + (backbone_states[end] - backbone_states[start])
+        gates = self.residual_gates()
+        for index, (layer, (start, end)) in enumerate(zip(self.layers, self.spans)):
+            y, _, _ = layer(x, self_attn_mask=future_mask, self_attn_padding_mask=padding_mask)
+            if gates is None:
+                x = y + (backbone_states[end] - backbone_states[start])
+            else:
+                x = backbone_states[end] + gates[index] * (y - backbone_states[start])
             inner_states.append(x)
 
         binding = self.memory_attention.binding  # bound by the model, which leaves the writing to us
