@@ -28,11 +28,11 @@ backbone writes the memory, a trainable residual SideNet reads it.
       x_{i+1} = h[end_i] + g_i * (layer_i(x_i) - h[start_i])
 
   ``g_i = 1`` is the residual above; ``g_i`` near 0 gives the backbone's own
-  hidden states, so a SideNet whose gates start low starts as its backbone
-  (copied layers added to the backbone's progress do not: the sum counts each
-  copied layer's change twice). The gates are stored divided by ``gain`` so
-  that Adam moves them that many times faster than the other weights, as the
-  memory gates are.
+  hidden states, so a SideNet whose gates start low starts as its backbone.
+  The residual alone does not: a copied layer's change is added on top of the
+  backbone's progress over its span, which already holds it. The gates are
+  stored divided by ``gain`` so that Adam moves them that many times faster
+  than the other weights, as the memory gates are.
 
 Shapes: ``T`` tokens per segment, ``B`` streams (batch rows), ``C`` model dims,
 ``H`` heads of ``D`` dims.
