@@ -19,11 +19,12 @@ redoes the training):
    without either, or with ``--train-vanilla``, ``scripts/train_vanilla.sh`` trains one
    (books: its two-phase recipe; code: from the committed books vanilla, ``INIT_FROM``,
    3,000 updates: docs/vanilla.md);
-3. ``scripts/finetune_memory.sh``: ``memorizing_transformer_lm`` from it, with a
-   65K memory over whole documents (``--task document_lm``): ``run_experiment.sh``'s
-   fine-tune (code: ``checkpoints/code/memory``, books: ``checkpoints/books/copying-memory``): memory at layer 2,
-   the committed vanillas' induction layer, 400 updates, gates from sigmoid(-3) moving
-   500x faster than the other weights (docs/results.md);
+3. the fine-tune: ``scripts/run_experiment.sh``'s step for the corpus (code: ``memory``,
+   books: ``copying-memory``; ``VANILLA_CKPT`` the vanilla of step 2), so a demo model is
+   exactly that experiment's fine-tune, in its folder (``checkpoints/CORPUS/STEP``):
+   ``memorizing_transformer_lm`` with a 65K memory over whole documents
+   (``--task document_lm``), at the recipe's layer, gates, budget and updates
+   (run_experiment.sh and docs/results.md say which and why);
 4. export: fp16 weights without optimizer state, with ``spm.model`` and
    ``dict.txt``, to ``demo/assets/CORPUS/`` (<= 25 MB).
 
@@ -47,23 +48,18 @@ logging.basicConfig(format="%(asctime)s | %(levelname)s | make_demo_model | %(me
 logger = logging.getLogger("make_demo_model")
 
 MAX_CHECKPOINT_BYTES = 25 * 2**20
-COPYING_MEMORY = ["--memory-query", "key", "--memory-shift-keys"]
-# run_experiment.sh's fine-tunes of the corpus's committed vanilla (the same folders, so that
-# one fine-tune serves both): memory at the vanilla's induction layer 2, gates from sigmoid(-3)
-# moving 500x faster than the other weights, 400 updates
-FINETUNE = ["--memory-layers", "2", "--memory-gate-init", "-3", "--memory-param-gain", "500"]
-#: corpus -> data-bin name, the fine-tune (the memory options that retrieve best on the corpus,
-#: docs/demo.md), and the environment of train_vanilla.sh when a vanilla is trained here
+#: corpus -> data-bin name, the run_experiment.sh step that fine-tunes it (the memory options
+#: that retrieve best on the corpus, docs/demo.md), and the environment of train_vanilla.sh when
+#: a vanilla is trained here
 RECIPES = {
     # code: the paper's memory (query -> keys); copying is slow to appear on the standard library,
     # so a code vanilla starts from the committed books vanilla, its embeddings rebuilt for the
     # code vocabulary (docs/vanilla.md)
-    "code": dict(data_bin="code", finetune_updates=400, step="memory", finetune_args=FINETUNE,
+    "code": dict(data_bin="code", step="memory",
                  vanilla_env={"INIT_FROM": os.path.join(REPO, "demo", "assets", "books", "vanilla.pt"),
                               "MAX_UPDATE": "3000"}),
     # books: the copying memory (key query, shifted keys)
-    "books": dict(data_bin="books", finetune_updates=400, step="copying-memory",
-                  finetune_args=COPYING_MEMORY + FINETUNE, vanilla_env={}),
+    "books": dict(data_bin="books", step="copying-memory", vanilla_env={}),
 }
 
 
@@ -113,9 +109,10 @@ def build(args, recipe) -> str:
         vanilla = os.path.join(work, "vanilla", "checkpoint_last.pt")
         run(["bash", "scripts/train_vanilla.sh", data_bin, os.path.dirname(vanilla)],
             **{**recipe["vanilla_env"], **({"MAX_UPDATE": str(args.vanilla_updates)} if args.vanilla_updates else {})})
-    run(["bash", "scripts/finetune_memory.sh", data_bin, vanilla,
-         os.path.join(work, recipe["step"]), *recipe["finetune_args"]],
-        MAX_UPDATE=str(args.finetune_updates or recipe["finetune_updates"]), MEMORY_SIZE=str(args.memory_size))
+    budget = {name: str(value) for name, value in (("FINETUNE_UPDATES", args.finetune_updates),
+                                                   ("TRAIN_MEMORY", args.memory_size)) if value is not None}
+    run(["bash", "scripts/run_experiment.sh", recipe["data_bin"], data_bin, data_bin],
+        STEPS=recipe["step"], VANILLA_CKPT=os.path.abspath(vanilla), CKPT=os.path.dirname(work), **budget)
     return os.path.join(work, recipe["step"], "checkpoint_last.pt")
 
 
@@ -174,8 +171,10 @@ def main():
                         help="export --checkpoint as ASSETS/vanilla.pt (a base model to fine-tune) instead")
     parser.add_argument("--vanilla-updates", type=int, default=None,
                         help="context-phase updates of the vanilla (default: train_vanilla.sh's)")
-    parser.add_argument("--finetune-updates", type=int, default=None, help="default: the corpus recipe's")
-    parser.add_argument("--memory-size", type=int, default=65536)
+    parser.add_argument("--finetune-updates", type=int, default=None,
+                        help="updates of the fine-tune (default: run_experiment.sh's FINETUNE_UPDATES)")
+    parser.add_argument("--memory-size", type=int, default=None,
+                        help="memory size of the fine-tune (default: run_experiment.sh's TRAIN_MEMORY)")
     parser.add_argument("--force", action="store_true", help="redo the fine-tune (and the vanilla, when it is trained here)")
     args = parser.parse_args()
     recipe = RECIPES[args.corpus]

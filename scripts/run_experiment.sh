@@ -21,7 +21,8 @@
 #   env: as train_vanilla.sh (VANILLA_FROM=demo/assets/books/vanilla.pt installs the committed
 #        books vanilla instead of training it) / finetune_memory.sh / finetune_gptm.sh, plus FINETUNE_UPDATES (400),
 #        TRAIN_MEMORY (65536), SWEEP_SIZES, SWEEP_SUBSET (test), EVAL_BATCH_SIZE (4), STEPS,
-#        CKPT (checkpoints), RESULTS (results),
+#        CKPT (checkpoints), RESULTS (results), VANILLA_CKPT (the vanilla the fine-tunes start from
+#        and the sweep scores; default CKPT/NAME/vanilla/checkpoint_last.pt, step 1's),
 #        MEMORY_LAYERS (default: the vanilla's induction layer, below), GATE_INIT (-3: the memory
 #        fine-tunes start with memory gates sigmoid(-3) = 0.05, so close to the vanilla),
 #        MEMORY_PARAM_GAIN (500: every memory model's gates move 500 times faster than the
@@ -38,7 +39,7 @@ experiment_paths run_experiment.sh "$@"
 
 STEPS=" ${STEPS:-vanilla memory control copying-memory longmem gptm sweep} "
 step() { [[ "$STEPS" == *" $1 "* ]]; }
-VANILLA=$CKPT/vanilla/checkpoint_last.pt
+VANILLA=${VANILLA_CKPT:-$CKPT/vanilla/checkpoint_last.pt}
 FINETUNE=(env MAX_UPDATE="${FINETUNE_UPDATES:-400}" MEMORY_SIZE="${TRAIN_MEMORY:-65536}")
 
 step vanilla && timed vanilla scripts/train_vanilla.sh "$DATA" "$CKPT/vanilla"
