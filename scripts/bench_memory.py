@@ -17,7 +17,10 @@ For each memory size (default 8K / 65K / 262K tokens) and each backend
   segment, as ``fairseq-eval-lm`` reads a document) with a full memory, against
   the vanilla model's;
 * a torch profile of the memorizing step (``--profile-size``), labelled
-  ``knn_memory.search`` / ``knn_memory.add``, showing where the time goes.
+  ``knn_memory.search`` / ``knn_memory.add``, showing where the time goes;
+* the exact search's score pass at ``--profile-size`` in fp32, bf16 and fp16, timed
+  alternately, beside the CPU's flags (``avx512_bf16``, ``amx_bf16``, ...): whether a
+  lower-precision score pass could pay here.
 
 ``--streams B`` measures every figure for a batch of B streams (each stream its
 own memory, all holding the captured keys), as a fine-tune with ``--batch-size B``
@@ -397,6 +400,47 @@ def bench_search(captured, memory_size: int, backend: str, args, exact=None) -> 
     return results
 
 
+def cpu_flags() -> List[str]:
+    """The CPU features a lower-precision score matmul would need (empty where /proc has none)."""
+    wanted = ("avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile", "avx2", "f16c")
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return [flag for flag in wanted if flag in flags]
+
+
+def bench_score_dtypes(captured, memory_size: int, args) -> Dict:
+    """The exact search's score pass (one (H, T, D) x (H, D, 512) matmul per block of keys) in
+    fp32, bf16 and fp16, timed alternately: whether scoring in a lower precision (then re-ranking
+    the candidates in fp32) could pay on this machine."""
+    keys, queries = captured["keys"][:, :memory_size], captured["queries"]
+    block = 512
+
+    def scoring(dtype):
+        q, k = queries.to(dtype), keys.to(dtype)
+        out = q.new_empty(q.size(0), q.size(1), block)
+
+        def run():
+            for start in range(0, k.size(1) - block + 1, block):
+                torch.bmm(q, k[:, start : start + block].transpose(1, 2), out=out)
+        return run
+
+    runs = {name: scoring(dtype) for name, dtype in
+            (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16))}
+    for run in runs.values():
+        run()
+    times = {name: [] for name in runs}
+    for _ in range(args.repeats):
+        for name, run in runs.items():
+            times[name].append(timed(run))
+    seconds = {name: statistics.median(values) for name, values in times.items()}
+    return {"memory_size": memory_size, "cpu_flags": cpu_flags(), "torch_cpu_capability":
+            torch.backends.cpu.get_cpu_capability(), "score_pass_s": seconds,
+            "relative_to_fp32": {name: value / seconds["fp32"] for name, value in seconds.items()}}
+
+
 def interleaved_medians(first, second, repeats: int, warmup: int) -> Tuple[float, float]:
     """Median times of two steps run alternately, so that both see the same load
     from other processes on a shared machine."""
@@ -574,6 +618,9 @@ def main():
                         evals[-1]["eval_tokens_per_s"], evals[-1]["tokens_per_s_relative_to_vanilla"],
                         evals[-1]["vanilla_eval_tokens_per_s"])
     profile = profile_step(model, captured, args) if args.profile_size and not args.skip_steps else None
+    score_dtypes = bench_score_dtypes(captured, args.profile_size or max(args.memory_sizes), args)
+    logger.info("score pass at %d in fp32 / bf16 / fp16: %s s (CPU flags %s)", score_dtypes["memory_size"],
+                " / ".join(f"{t:.3f}" for t in score_dtypes["score_pass_s"].values()), score_dtypes["cpu_flags"])
 
     num_layers = len(model.memory_layer_ids)
     fits = {
@@ -597,6 +644,7 @@ def main():
         "gib_for_4_streams": fits,
         "peak_rss_gib": peak_rss() / GIB,
         "profile": profile,
+        "score_dtypes": score_dtypes,
     }
     print_table(report)
     with open(args.output, "w") as out:
