@@ -429,26 +429,20 @@ def bench_score_dtypes(captured, memory_size: int, args) -> Dict:
 
     runs = {name: scoring(dtype) for name, dtype in
             (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16))}
-    for run in runs.values():
-        run()
-    times = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, run in runs.items():
-            times[name].append(timed(run))
-    seconds = {name: statistics.median(values) for name, values in times.items()}
+    seconds = dict(zip(runs, interleaved_medians(*runs.values(), repeats=args.repeats, warmup=args.warmup)))
     return {"memory_size": memory_size, "cpu_flags": cpu_flags(), "torch_cpu_capability":
             torch.backends.cpu.get_cpu_capability(), "score_pass_s": seconds,
             "relative_to_fp32": {name: value / seconds["fp32"] for name, value in seconds.items()}}
 
 
-def interleaved_medians(first, second, repeats: int, warmup: int) -> Tuple[float, float]:
-    """Median times of two steps run alternately, so that both see the same load
-    from other processes on a shared machine."""
+def interleaved_medians(*runs, repeats: int, warmup: int) -> Tuple[float, ...]:
+    """Median times of ``runs`` run in turn, so that all see the same load from
+    other processes on a shared machine."""
     for _ in range(warmup):
-        first()
-        second()
-    times = [(timed(first), timed(second)) for _ in range(repeats)]
-    return statistics.median(t for t, _ in times), statistics.median(t for _, t in times)
+        for run in runs:
+            run()
+    times = [[timed(run) for run in runs] for _ in range(repeats)]
+    return tuple(statistics.median(row[index] for row in times) for index in range(len(runs)))
 
 
 def full_bank(model, captured, memory_size: int, backend: str):
@@ -483,8 +477,8 @@ def bench_step(model, vanilla, captured, memory_size: int, backend: str, args) -
     vanilla.train()
     memorizing_step = training_step(model, tokens, doc_start=torch.zeros(tokens.size(0), dtype=torch.bool),
                                     stream_id="bench", memory_bank=bank)
-    step_s, vanilla_s = interleaved_medians(memorizing_step, training_step(vanilla, tokens), args.repeats,
-                                            args.warmup)
+    step_s, vanilla_s = interleaved_medians(memorizing_step, training_step(vanilla, tokens), repeats=args.repeats,
+                                            warmup=args.warmup)
     return {"memory_size": memory_size, "backend": backend, "streams": tokens.size(0), "step_s": step_s,
             "vanilla_step_s": vanilla_s, "relative_to_vanilla": step_s / vanilla_s}
 
@@ -506,7 +500,7 @@ def bench_eval(model, vanilla, captured, memory_size: int, backend: str, args) -
     def plain():
         vanilla(tokens)
 
-    eval_s, vanilla_s = interleaved_medians(memorizing, plain, args.repeats, args.warmup)
+    eval_s, vanilla_s = interleaved_medians(memorizing, plain, repeats=args.repeats, warmup=args.warmup)
     return {"memory_size": memory_size, "backend": backend, "streams": tokens.size(0),
             "eval_tokens_per_s": tokens.numel() / eval_s, "vanilla_eval_tokens_per_s": tokens.numel() / vanilla_s,
             "tokens_per_s_relative_to_vanilla": vanilla_s / eval_s}
