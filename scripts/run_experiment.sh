@@ -43,6 +43,10 @@ VANILLA=${VANILLA_CKPT:-$CKPT/vanilla/checkpoint_last.pt}
 FINETUNE=(env MAX_UPDATE="${FINETUNE_UPDATES:-400}" MEMORY_SIZE="${TRAIN_MEMORY:-65536}")
 
 step vanilla && timed vanilla scripts/train_vanilla.sh "$DATA" "$CKPT/vanilla"
+if [[ "${STEPS// vanilla / }" =~ [^\ ] ]]; then  # every other step starts from the vanilla or scores it
+    if [ -n "${VANILLA_CKPT:-}" ]; then named=VANILLA_CKPT; else named="the vanilla (STEPS=vanilla trains it)"; fi
+    require_checkpoint "$named" "$VANILLA"
+fi
 induction_layer() {
     "$BIN/python" scripts/copy_score.py "$VANILLA" "$DATA" --induction 2>/dev/null |
         "$BIN/python" -c 'import json, sys; print(json.load(sys.stdin)["induction_layer"])'

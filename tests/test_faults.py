@@ -196,6 +196,21 @@ def test_finetune_scripts_refuse_a_bad_checkpoint(name, flag, bad_file, tmp_path
     assert line.startswith(f"{name}: error: {flag} {path} is not a fairseq checkpoint")
 
 
+def test_run_experiment_refuses_a_bad_vanilla_before_any_step(bad_file, tmp_path):
+    """VANILLA_CKPT (or step 1's vanilla, when it was never trained) is checked before the
+    induction layer is measured from it: one sentence, exit 2, nothing trained."""
+    kind, path = bad_file
+    out = script("run_experiment.sh", "code", tmp_path, tmp_path, STEPS="memory", VANILLA_CKPT=path,
+                 CKPT=tmp_path / "ckpt", RESULTS=tmp_path / "results")
+    line = one_sentence(out, BAD_SENTENCE[kind])
+    assert line.startswith(f"run_experiment.sh: error: VANILLA_CKPT {path} is not a fairseq checkpoint")
+    untrained = script("run_experiment.sh", "code", tmp_path, tmp_path, STEPS="control", CKPT=tmp_path / "ckpt",
+                       RESULTS=tmp_path / "results")
+    assert one_sentence(untrained, "there is no such file").startswith(
+        "run_experiment.sh: error: the vanilla (STEPS=vanilla trains it) ")
+    assert not (tmp_path / "ckpt" / "code" / "memory").exists()
+
+
 def test_eval_lm_path_bad_checkpoint(data_bin, bad_file):
     kind, path = bad_file
     out = run_command(BIN / "fairseq-eval-lm", data_bin, "--user-dir", "fairseq_memtrm", "--path", path,
