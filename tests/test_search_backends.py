@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from fairseq_memtrm.errors import MemtrmUserError
-from fairseq_memtrm.memory import KNNMemory, memory_bytes
+from fairseq_memtrm.memory import ChunkedKNNMemory, KNNMemory, memory_bytes
 from fairseq_memtrm.memory.faiss_search import FaissIVFSearch
 from fairseq_memtrm.memory.search import BACKENDS, ExactSearch
 
@@ -233,3 +233,24 @@ def test_cuda_memory_matches_cpu(backend):
         assert found.scores.device.type == device
         results.append(found)
     torch.testing.assert_close(results[1].scores.cpu(), results[0].scores, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("store", ["tokens", "chunks"])
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_search_without_vectors_finds_the_same_entries(backend, store):
+    """``vectors=False`` (the neural cache's search) skips only the keys and values:
+    the same scores, positions and mask, streams of different fill, ring wrapped."""
+    g = torch.Generator().manual_seed(5)
+    if store == "tokens":
+        memory = make_memory(backend, num_streams=2, memory_size=1000)
+    else:
+        memory = ChunkedKNNMemory(2, H, D, 1000, chunk_size=4, backend=backend)
+    fill(memory, g, 1650)
+    memory.reset(torch.tensor([False, True]))
+    memory.add(*(clustered_unit_vectors(g, (2, H, 300, D)) for _ in range(2)))  # stream 1 partly filled
+    queries = clustered_unit_vectors(g, (2, H, 7, D))
+    full, bare = memory.search(queries, 4 * K), memory.search(queries, 4 * K, vectors=False)
+    assert bare.keys is None and bare.values is None
+    assert full.mask.any()
+    torch.testing.assert_close(bare.scores, full.scores)
+    assert torch.equal(bare.positions, full.positions) and torch.equal(bare.mask, full.mask)

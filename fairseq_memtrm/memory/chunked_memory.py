@@ -118,7 +118,7 @@ class ChunkedKNNMemory(MemoryStore):
         self.chunks.add(chunk_keys, chunk_values, chunk_mask)
 
     @torch.no_grad()
-    def search(self, queries: Tensor, k: int) -> Retrieval:
+    def search(self, queries: Tensor, k: int, vectors: bool = True) -> Retrieval:
         """The tokens of the ``max(1, k // chunk_size)`` chunks whose mean key has the
         largest inner product with each query of ``queries`` (B, H, T, D).
 
@@ -146,4 +146,6 @@ class ChunkedKNNMemory(MemoryStore):
         mask = chunk_found & stored_positions.eq(positions)
         positions = positions.masked_fill(~mask, -1)
         scores = torch.einsum("bhtd,bhtkd->bhtk", queries, out_keys).masked_fill(~mask, float("-inf"))
+        if not vectors:  # the scores needed the keys; the caller reads neither
+            out_keys = out_values = None
         return Retrieval(out_keys, out_values, scores, positions, mask)

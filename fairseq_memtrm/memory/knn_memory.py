@@ -186,19 +186,20 @@ class KNNMemory(MemoryStore):
 
     @torch.no_grad()
     @torch.profiler.record_function("knn_memory.search")
-    def search(self, queries: Tensor, k: int) -> Retrieval:
+    def search(self, queries: Tensor, k: int, vectors: bool = True) -> Retrieval:
         """Top-``k`` entries by inner product for ``queries`` (B, H, T, D).
 
         Streams holding fewer than ``k`` entries return what they have, the rest
         masked out (``mask`` False, ``positions`` -1, ``scores`` -inf). The last
         dimension is ``min(k, entries of the fullest stream)`` (at least 1).
+        ``vectors=False`` skips gathering keys and values (None in the result).
         """
         bsz, heads, seq_len, dim = queries.shape
         # the buffers are never wider than the fullest stream can fill: a k far
         # beyond the memory's size must not allocate B x H x T x k x D
         k = max(1, min(k, max(self.num_valid(stream) for stream in range(bsz))))
-        out_keys = queries.new_zeros(bsz, heads, seq_len, k, dim)
-        out_values = queries.new_zeros(bsz, heads, seq_len, k, dim)
+        out_keys = queries.new_zeros(bsz, heads, seq_len, k, dim) if vectors else None
+        out_values = queries.new_zeros(bsz, heads, seq_len, k, dim) if vectors else None
         out_scores = queries.new_full((bsz, heads, seq_len, k), float("-inf"))
         out_positions = torch.full((bsz, heads, seq_len, k), -1, dtype=torch.long, device=queries.device)
         for stream in range(bsz):
@@ -210,9 +211,12 @@ class KNNMemory(MemoryStore):
             scores, slots = self.backend.search(stream, queries[stream].detach(), keys, found)
             # approximate backends may find fewer than k: slot -1, masked below
             missing = slots < 0
-            found_keys, found_values, found_positions = self.gather(stream, slots.clamp(min=0))
-            out_keys[stream, :, :, :found] = found_keys
-            out_values[stream, :, :, :found] = found_values
+            if vectors:
+                found_keys, found_values, found_positions = self.gather(stream, slots.clamp(min=0))
+                out_keys[stream, :, :, :found] = found_keys
+                out_values[stream, :, :, :found] = found_values
+            else:
+                found_positions = self.positions[stream][slots.clamp(min=0)]
             out_scores[stream, :, :, :found] = scores.to(queries.dtype).masked_fill(missing, float("-inf"))
             out_positions[stream, :, :, :found] = found_positions.masked_fill(missing, -1)
         return Retrieval(out_keys, out_values, out_scores, out_positions, out_positions >= 0)

@@ -27,8 +27,8 @@ from torch import Tensor
 class Retrieval:
     """The top-k entries found for each query. Shapes: (B, H, T, k[, D])."""
 
-    keys: Tensor  # (B, H, T, k, D), detached, in the queries' dtype
-    values: Tensor  # (B, H, T, k, D), detached
+    keys: Optional[Tensor]  # (B, H, T, k, D), detached, in the queries' dtype; None from search(vectors=False)
+    values: Optional[Tensor]  # (B, H, T, k, D), detached; None from search(vectors=False)
     scores: Tensor  # (B, H, T, k) inner products; -inf where invalid
     positions: Tensor  # (B, H, T, k) int64 position in the document; -1 where invalid
     mask: Tensor  # (B, H, T, k) bool, True where an entry was found
@@ -65,11 +65,13 @@ class MemoryStore(abc.ABC):
         stored detached: no gradient reaches them."""
 
     @abc.abstractmethod
-    def search(self, queries: Tensor, k: int) -> Retrieval:
+    def search(self, queries: Tensor, k: int, vectors: bool = True) -> Retrieval:
         """The top-``k`` entries by inner product for ``queries`` (B, H, T, D), each
         stream in its own entries only. Returns a :class:`Retrieval` whose last
         dimension is at most ``k`` (never wider than the fullest stream can fill,
-        at least 1); entries a stream lacks are masked out."""
+        at least 1); entries a stream lacks are masked out. ``vectors=False``: only
+        scores, positions and mask (keys and values None), for a caller that reads no
+        vector, e.g. the neural cache; the same entries as with vectors."""
 
     @abc.abstractmethod
     def reset(self, streams: Optional[Tensor] = None) -> None:

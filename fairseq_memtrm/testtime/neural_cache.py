@@ -39,7 +39,7 @@ from .scoring import features_and_nll, target_positions
 
 logger = logging.getLogger(__name__)
 
-QUERY_BUDGET = 1 << 23  # floats of the (queries x k x D) buffers one memory search may return
+QUERY_BUDGET = 1 << 20  # (queries x k) results one memory search returns at most
 
 
 @dataclass
@@ -130,10 +130,10 @@ class NeuralCache:
         queries = h.unsqueeze(1)  # (B, 1, T, C)
         most = max(self.memory.num_valid(b) for b in range(bsz))
         k = max(1, min(self.k, most))
-        chunk = max(1, QUERY_BUDGET // (k * self.dim))
+        chunk = max(1, QUERY_BUDGET // k)
         mem_scores, mem_positions = [], []
         for start in range(0, seq_len, chunk):
-            found = self.memory.search(queries[:, :, start : start + chunk], k)
+            found = self.memory.search(queries[:, :, start : start + chunk], k, vectors=False)
             mem_scores.append(found.scores[:, 0].float())  # (B, t, k') inner products; -inf = none
             mem_positions.append(found.positions[:, 0])
         mem_scores = torch.cat(mem_scores, dim=1)
