@@ -407,14 +407,19 @@ def main(argv=None):
         raise MemtrmUserError(f"--memory-sizes expects comma-separated integers, got {args.memory_sizes!r}")
 
     memory_flags = [flag for name, flag, size, _ in RUNS if size == SWEEP or name == "gptm"]
-    if not any(getattr(args, flag[2:].replace("-", "_")) for flag in memory_flags):
-        raise MemtrmUserError(f"nothing with a memory to evaluate: give one of {', '.join(memory_flags)}")
+    given = [flag for _, flag, _, _ in RUNS if getattr(args, flag[2:].replace("-", "_"))]
+    if not set(given) & set(memory_flags) and not (given and args.keep_runs):
+        raise MemtrmUserError(f"nothing with a memory to evaluate: give one of {', '.join(memory_flags)} "
+                              "(or --keep-runs to re-score only a run without memory into the report in --out)")
     plan = []
     for name, flag, size, _ in RUNS:
         checkpoint = getattr(args, flag[2:].replace("-", "_"))
         if checkpoint:
             plan += [(name, checkpoint, each) for each in (sizes if size == SWEEP else [size])]
     earlier = earlier_report(Path(args.out), args, plan) if args.keep_runs else {}
+    if not set(given) & set(memory_flags) and not earlier:
+        raise MemtrmUserError(f"--keep-runs: no report in {args.out} to re-score {', '.join(given)} into; "
+                              f"give one of {', '.join(memory_flags)} too")
     runs, scored_by_size, vanilla_copy = [], {}, None
     scored_by_run = {}  # the runs GPTm's per-token gains are measured between
     probes, probe_counts = None, {}  # {kind: planted documents}, built once; {kind: how many}

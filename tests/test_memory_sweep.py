@@ -159,6 +159,12 @@ def test_keep_runs_adds_a_run_to_an_earlier_report_and_refuses_other_settings(ch
     again = run(*SWEEP(work, "--memory-checkpoint", work / "memory" / "checkpoint_last.pt", out=out), "--keep-runs")
     assert json.loads((out / "memory_sweep.json").read_text())["runs"] == full["runs"]  # rows replaced, not doubled
     assert "(cached in" in again
+    vanilla = ("--vanilla-checkpoint", work / "vanilla" / "checkpoint_last.pt")
+    alone = run(*SWEEP(work, *vanilla, out=out), "--keep-runs")  # a run without memory, re-timed on its own
+    assert json.loads((out / "memory_sweep.json").read_text())["runs"] == full["runs"] and "(cached in" in alone
+    for extra, said in (([], "or --keep-runs to re-score"), (["--keep-runs"], "no report in")):
+        refused = run_command(*SWEEP(work, *vanilla, out=tmp_path / "empty"), *extra, env=ENV, check=False)
+        assert refused.returncode != 0 and "Traceback" not in refused.stderr and said in refused.stderr
     other = [str(a) for a in SWEEP(work, *copying, out=out)]
     other[other.index("--far-position") + 1] = "128"
     refused = run_command(*other, "--keep-runs", env=ENV, check=False)
