@@ -109,25 +109,34 @@ class FaissIVFSearch(SearchBackend):
     ``nlist`` lists (default about sqrt(memory_size)), ``nprobe`` of them
     scanned per query. The index is trained on the first ``train_size`` keys
     of each document (default 39 per list, faiss's minimum for k-means);
-    search is exact until then.
+    search is exact until then. Two remedies for queries that do not lie where
+    the keys do (queries and keys are different projections), both off by default:
+    ``train_queries=1`` adds the queries of the segment that triggers training to
+    the k-means sample; ``assign=2`` adds every key to its 2 nearest lists (twice the
+    index RAM; a search takes ``k * assign`` results and keeps each slot once).
     """
 
     name = "faiss-ivf"
     approximate = True
 
     def __init__(self, *args, nlist: Optional[int] = None, nprobe: int = 8,
-                 train_size: Optional[int] = None, **kwargs):
+                 train_size: Optional[int] = None, train_queries: int = 0, assign: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
         self.nlist = nlist or default_nlist(self.memory_size)
         self.nprobe = min(nprobe, self.nlist)
         self.train_size = train_size or 39 * self.nlist
+        if assign < 1 or assign > self.nlist:
+            from fairseq_memtrm.errors import MemtrmUserError
+
+            raise MemtrmUserError(f"faiss-ivf: assign={assign} must be between 1 and nlist ({self.nlist})")
+        self.train_queries, self.assign = bool(train_queries), int(assign)
         self.indexes: Dict[int, List[faiss.IndexIVFFlat]] = {}  # stream -> one index per head
         self.exact = ExactSearch(*args, **kwargs)
 
     @classmethod
-    def index_bytes_per_entry(cls, num_heads: int, head_dim: int) -> int:
-        """Each entry is copied into the index: fp32 key + int64 id, per head."""
-        return num_heads * (head_dim * 4 + 8)
+    def index_bytes_per_entry(cls, num_heads: int, head_dim: int, assign: int = 1) -> int:
+        """Each entry is copied into the index ``assign`` times: fp32 key + int64 id, per head."""
+        return assign * num_heads * (head_dim * 4 + 8)
 
     def is_indexed(self, stream: int) -> bool:
         return stream in self.indexes
@@ -135,27 +144,39 @@ class FaissIVFSearch(SearchBackend):
     def on_reset(self, stream):
         self.indexes.pop(stream, None)
 
+    def _add(self, index: faiss.IndexIVFFlat, keys: np.ndarray, ids: np.ndarray) -> None:
+        """Add ``keys`` under ``ids`` to each of their ``assign`` nearest lists."""
+        if self.assign == 1:
+            index.add_with_ids(keys, ids)
+            return
+        _, lists = index.quantizer.search(keys, self.assign)
+        for column in range(self.assign):
+            assigned = np.ascontiguousarray(lists[:, column])
+            index.add_core(keys.shape[0], faiss.swig_ptr(keys), faiss.swig_ptr(ids), faiss.swig_ptr(assigned))
+
     def on_add(self, stream, slots, keys):
         indexes = self.indexes.get(stream)
         if indexes is None:  # not trained yet: search reads the ring itself
             return
-        ids = slots.detach().to("cpu", torch.int64).numpy()
-        # Before the ring wraps, the index holds exactly slots [0, ntotal).
-        overwritten = ids[ids < indexes[0].ntotal]
+        ids = np.ascontiguousarray(slots.detach().to("cpu", torch.int64).numpy())
+        # Before the ring wraps, the index holds exactly slots [0, ntotal / assign).
+        overwritten = ids[ids < indexes[0].ntotal // self.assign]
         selector = faiss.IDSelectorBatch(overwritten) if overwritten.size else None
         host_keys = host_float32(keys)
         for head, index in enumerate(indexes):
             if selector is not None:
-                index.remove_ids(selector)
-            index.add_with_ids(host_keys[head], ids)
+                index.remove_ids(selector)  # every copy of each id
+            self._add(index, host_keys[head], ids)
 
-    def _build(self, keys: Tensor) -> List[faiss.IndexIVFFlat]:
-        """Train one index per head on the ring's keys (H, N, D); ids = slots 0..N-1."""
+    def _build(self, keys: Tensor, queries: Tensor) -> List[faiss.IndexIVFFlat]:
+        """Train one index per head on the ring's keys (H, N, D) (and ``queries`` (H, T, D)
+        with ``train_queries``); ids = slots 0..N-1."""
         host_keys = host_float32(keys)
+        host_queries = host_float32(queries) if self.train_queries else None
         ids = np.arange(host_keys.shape[1], dtype=np.int64)
         sample = np.random.default_rng(0).permutation(ids.size)[: self.train_size]
         indexes = []
-        for head_keys in host_keys:
+        for head, head_keys in enumerate(host_keys):
             # the factory's index owns its quantizer (no dangling reference)
             index = faiss.index_factory(self.head_dim, f"IVF{self.nlist},Flat", faiss.METRIC_INNER_PRODUCT)
             index.cp.min_points_per_centroid = 1  # train_size is ours to choose; no warning
@@ -163,8 +184,11 @@ class FaissIVFSearch(SearchBackend):
             # k-means lets a few long centroids take most keys (lists ~100x
             # unbalanced on real keys, recall near 0); spherical keeps them even.
             index.cp.spherical = True
-            index.train(np.ascontiguousarray(head_keys[sample]))
-            index.add_with_ids(head_keys, ids)
+            training = head_keys[sample]
+            if host_queries is not None:
+                training = np.concatenate([training, host_queries[head]])
+            index.train(np.ascontiguousarray(training))
+            self._add(index, head_keys, ids)
             index.nprobe = self.nprobe
             indexes.append(index)
         return indexes
@@ -174,16 +198,31 @@ class FaissIVFSearch(SearchBackend):
         if indexes is None:
             if keys.size(1) < max(self.train_size, self.nlist):
                 return self.exact.search(stream, queries, keys, k)
-            indexes = self.indexes[stream] = self._build(keys)
+            indexes = self.indexes[stream] = self._build(keys, queries)
         heads, seq_len, _ = queries.shape
         scores = torch.empty(heads, seq_len, k)
         slots = torch.empty(heads, seq_len, k, dtype=torch.long)
         host_queries = host_float32(queries)
         for head, index in enumerate(indexes):
             index.nprobe = self.nprobe
-            distances, labels = index.search(host_queries[head], k)
-            scores[head], slots[head] = faiss_results(distances, labels, torch.device("cpu"))
+            distances, labels = index.search(host_queries[head], k * self.assign)
+            found_scores, found_slots = faiss_results(distances, labels, torch.device("cpu"))
+            if self.assign > 1:
+                found_scores, found_slots = once_each(found_scores, found_slots, k)
+            scores[head], slots[head] = found_scores, found_slots
         return scores.to(queries.device, queries.dtype), slots.to(queries.device)
+
+
+def once_each(scores: Tensor, slots: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """The best ``k`` of (T, n) results sorted by score, each slot kept once (a key held
+    in several lists is found with the same score each time); -inf / -1 pad the rest."""
+    order = slots.sort(dim=1, stable=True)
+    repeat = torch.zeros_like(slots, dtype=torch.bool)
+    repeat[:, 1:] = order.values[:, 1:].eq(order.values[:, :-1]) & order.values[:, 1:].ge(0)
+    scores = scores.gather(1, order.indices).masked_fill(repeat, float("-inf"))
+    best = scores.topk(k, dim=1)
+    kept = order.values.gather(1, best.indices)
+    return best.values, kept.masked_fill(best.values.eq(float("-inf")), -1)
 
 
 class BlockIndexes:
