@@ -78,7 +78,9 @@ GIB = 2**30
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--memory-sizes", default="8192,65536,262144", help="comma-separated memory sizes (tokens)")
-    parser.add_argument("--backends", default=",".join(sorted(BACKENDS)), help="comma-separated backends")
+    parser.add_argument("--backends", default=",".join(sorted(BACKENDS)),
+                        help="comma-separated backends, each with its options after a colon "
+                        "(exact,faiss-ivf:assign=2,nprobe=16)")
     parser.add_argument("--segment", type=int, default=512, help="tokens per segment (queries per search)")
     parser.add_argument("--knn-k", type=int, default=32, help="entries retrieved per query and head")
     parser.add_argument("--streams", type=int, default=1,
@@ -109,7 +111,7 @@ def parse_args():
     parser.add_argument("--output", default="bench_memory.json", help="JSON results file")
     args = parser.parse_args()
     args.memory_sizes = [int(size) for size in args.memory_sizes.split(",")]
-    args.backends = [name for name in args.backends.split(",") if name]
+    args.backends = backend_specs(args.backends)
     args.ivf_nprobe = [int(n) for n in args.ivf_nprobe.split(",") if n]
     args.hnsw_ef = [int(n) for n in args.hnsw_ef.split(",") if n]
     for spec in args.backends + [args.profile_backend]:
@@ -122,6 +124,18 @@ def parse_args():
 
 
 # ------------------------------------------------------------------ machine
+def backend_specs(text: str) -> List[str]:
+    """``"exact,faiss-ivf:assign=2,nprobe=16"`` -> ["exact", "faiss-ivf:assign=2,nprobe=16"]:
+    an item without a backend name (``KEY=NUMBER``) is one more option of the spec before it."""
+    specs: List[str] = []
+    for item in filter(None, text.split(",")):
+        if specs and "=" in item and ":" not in item:
+            specs[-1] += "," + item
+        else:
+            specs.append(item)
+    return specs
+
+
 def current_rss() -> int:
     """Resident set size now, in bytes (Linux /proc; 0 elsewhere)."""
     try:
@@ -367,7 +381,10 @@ def bench_search(captured, memory_size: int, backend: str, args, exact=None) -> 
     batch = queries[None].expand(args.streams, -1, -1, -1)
     memory.search(batch, args.knn_k)  # builds an index where the backend keeps one
     rss_growth = current_rss() - rss_before
-    attribute, values_option = SEARCH_SETTINGS.get(backend, (None, None))  # a bare name only
+    cls, spec_options = parse_backend_spec(backend)
+    attribute, values_option = SEARCH_SETTINGS.get(cls.name, (None, None))
+    if attribute in spec_options:  # the spec fixes it: no sweep
+        attribute = None
     settings = [{attribute: value} for value in getattr(args, values_option)] if attribute else [{}]
     results = []
     for backend_options in settings:
