@@ -106,6 +106,10 @@ def parse_args():
     parser.add_argument("--threads", type=int, default=0,
                         help="torch and faiss threads (0: their defaults); 1 gives steadier figures on a shared machine")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--checkpoint", help="capture keys and queries from this memorizing checkpoint (with --data) "
+                        "instead of training a byte-level model: its first memory layer, on the longest test "
+                        "document; the vanilla of the step and eval ratios is the same checkpoint with memory size 0")
+    parser.add_argument("--data", help="--checkpoint's data-bin folder (scripts/prepare_data.py)")
     parser.add_argument("--save-captured", help="also save the captured keys/queries here (torch.save)")
     parser.add_argument("--load-captured", help="skip training and capture: reuse --save-captured output")
     parser.add_argument("--output", default="bench_memory.json", help="JSON results file")
@@ -118,6 +122,10 @@ def parse_args():
         parse_backend_spec(spec)  # a clear error for an unknown backend or option
     if args.streams < 1:
         parser.error("--streams must be at least 1")
+    if args.checkpoint and not args.data:
+        parser.error("--checkpoint needs --data, the data-bin folder it was trained on")
+    if args.checkpoint and (args.load_captured or args.save_captured):
+        parser.error("--checkpoint captures from the checkpoint itself: drop --load-captured/--save-captured")
     if args.embed_dim % args.heads:
         parser.error("--embed-dim must be a multiple of --heads")
     return args
@@ -220,6 +228,28 @@ def byte_tokens(data: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).long() + NSPECIAL
 
 
+def checkpoint_models(args):
+    """(memorizing model, the same checkpoint with memory size 0, the longest test
+    document's tokens, a description) from ``--checkpoint`` and ``--data``."""
+    from fairseq_memtrm.evaluation import load
+
+    overrides = {"memory_size": max(args.memory_sizes), "knn_k": args.knn_k, "memory_dtype": args.memory_dtype}
+    model, task = load(args.checkpoint, args.data, "test", args.segment, args.streams, overrides, True)
+    vanilla, _ = load(args.checkpoint, args.data, "test", args.segment, args.streams, {"memory_size": 0}, True)
+    attention = model.memory_attentions()[0]
+    if bool(getattr(attention, "memory_position_free", False)):
+        raise SystemExit(f"bench_memory: {args.checkpoint} keys its memory position-free; capture needs a checkpoint "
+                         "whose memory keys are its attention keys (e.g. scripts/finetune_memory.sh's)")
+    documents = task.dataset("test")  # a DocumentDataset: one item per document
+    longest = max(range(len(documents)), key=documents.num_tokens)
+    tokens = documents.tokens(longest, 0, documents.num_tokens(longest)).long()
+    args.layers, args.embed_dim = len(model.decoder.layers), model.decoder.embed_dim
+    args.heads = attention.num_heads
+    description = (f"{args.checkpoint} on {args.data} test, longest document ({tokens.numel()} tokens), "
+                   f"vocabulary {len(task.target_dictionary)}")
+    return model, vanilla, tokens, description
+
+
 def build_model(data_dir: str, arch: str, args, extra=()) -> torch.nn.Module:
     parser = options.get_training_parser()
     parsed = options.parse_args_and_arch(parser, [
@@ -300,21 +330,27 @@ def hidden_states_of(model, tokens: torch.Tensor, segment: int):
         hook.remove()
 
 
-def document_tokens(document: bytes, needed: int) -> torch.Tensor:
-    tokens = byte_tokens(document)
+def document_tokens(tokens: torch.Tensor, needed: int) -> torch.Tensor:
     if tokens.numel() < needed:  # a short corpus is read again, as a longer document
         tokens = tokens.repeat(-(-needed // tokens.numel()))
     return tokens
 
 
 @torch.no_grad()
-def capture_memory(model, document: bytes, num_tokens: int, segment: int) -> Dict[str, torch.Tensor]:
+def unit_queries_and_keys(attention, hidden: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The memory's unit queries and keys (H, T, D) of one segment's layer input (T, 1, C),
+    as the layer computes them (``--memory-query``, ``--memory-shift-keys`` aside)."""
+    q, k = attention.memory_projections(hidden, attention.split_heads(attention.q_proj(hidden)))
+    return q[0], k[0]
+
+
+def capture_memory(model, document: torch.Tensor, num_tokens: int, segment: int) -> Dict[str, torch.Tensor]:
     """The first memory layer's unit keys and values (H, N, D) for the first
-    ``num_tokens`` of ``document``."""
+    ``num_tokens`` of ``document`` (tokens, read again from its start where it is shorter)."""
     attention = model.memory_attentions()[0]
     keys, values = [], []
     for start, hidden in hidden_states_of(model, document_tokens(document, num_tokens)[:num_tokens], segment):
-        keys.append(F.normalize(attention.split_heads(attention.k_proj(hidden))[0], dim=-1))
+        keys.append(unit_queries_and_keys(attention, hidden)[1])
         values.append(attention.split_heads(attention.v_proj(hidden))[0])
         if (start // segment) % 128 == 0:
             logger.info("capturing keys: %d / %d tokens", start, num_tokens)
@@ -322,14 +358,14 @@ def capture_memory(model, document: bytes, num_tokens: int, segment: int) -> Dic
 
 
 @torch.no_grad()
-def capture_queries(model, document: bytes, num_tokens: int, segment: int, count: int) -> Dict[str, torch.Tensor]:
+def capture_queries(model, document: torch.Tensor, num_tokens: int, segment: int,
+                    count: int) -> Dict[str, torch.Tensor]:
     """Unit queries (S, H, T, D) of the ``count`` segments after the first
     ``num_tokens``, and the tokens (1, T + 1) of the first of them."""
     attention = model.memory_attentions()[0]
     tokens = document_tokens(document, num_tokens + count * segment + 1)
     after = tokens[num_tokens : num_tokens + count * segment]
-    queries = [F.normalize(attention.split_heads(attention.q_proj(hidden))[0], dim=-1)
-               for _, hidden in hidden_states_of(model, after, segment)]
+    queries = [unit_queries_and_keys(attention, hidden)[0] for _, hidden in hidden_states_of(model, after, segment)]
     return {"query_segments": torch.stack(queries), "queries": queries[0],
             "segment_tokens": tokens[None, num_tokens : num_tokens + segment + 1]}
 
@@ -576,9 +612,16 @@ def main():
     machine["sgemm_gflops"] = round(args.gflops, 1)
     logger.info("machine: %s", machine)
 
-    train_docs, held_out, corpus = load_corpus(args.corpus)
-    model, vanilla = build_models(args)
-    if args.load_captured:
+    if args.checkpoint:
+        model, vanilla, held_out, corpus = checkpoint_models(args)
+        losses, vocabulary = [], f"{args.checkpoint}'s dictionary"
+    else:
+        train_docs, held_bytes, corpus = load_corpus(args.corpus)
+        held_out, vocabulary = byte_tokens(held_bytes), "bytes (256 + 4 specials)"
+        model, vanilla = build_models(args)
+    if args.checkpoint:
+        captured = capture_memory(model, held_out, max(args.memory_sizes), args.segment)
+    elif args.load_captured:
         saved = torch.load(args.load_captured)
         model.load_state_dict(saved["model"])
         captured, losses, corpus = saved["captured"], saved["losses"], saved["corpus"]
@@ -595,9 +638,8 @@ def main():
                         "training": {"updates": args.train_updates, "batch": args.train_batch}}, args.save_captured)
     captured.update(capture_queries(model, held_out, max(args.memory_sizes), args.segment, args.recall_segments))
     captured["batch_tokens"] = captured["segment_tokens"].expand(args.streams, -1).contiguous()
-    vanilla.load_state_dict(
-        {k: v for k, v in model.state_dict().items() if not k.endswith(MEMORY_STATE)}
-    )
+    if not args.checkpoint:
+        vanilla.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith(MEMORY_STATE)})
     heads, _, head_dim = captured["keys"].shape
     logger.info("captured %d keys x %d heads x %d dims", captured["keys"].size(1), heads, head_dim)
 
@@ -646,7 +688,7 @@ def main():
         "config": {key: value for key, value in vars(args).items() if key != "gflops"},
         "corpus": corpus,
         "model": {"layers": args.layers, "embed_dim": args.embed_dim, "heads": heads, "head_dim": head_dim,
-                  "memory_layers": model.memory_layer_ids, "vocab": "bytes (256 + 4 specials)",
+                  "memory_layers": model.memory_layer_ids, "vocab": vocabulary,
                   "train_loss_first_last": [losses[0], losses[-1]] if losses else None},
         "vanilla_step_s": vanilla_s,
         "search": searches,
