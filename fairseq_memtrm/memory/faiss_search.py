@@ -109,18 +109,17 @@ class FaissIVFSearch(SearchBackend):
     ``nlist`` lists (default about sqrt(memory_size)), ``nprobe`` of them
     scanned per query. The index is trained on the first ``train_size`` keys
     of each document (default 39 per list, faiss's minimum for k-means);
-    search is exact until then. Two remedies for queries that do not lie where
-    the keys do (queries and keys are different projections), both off by default:
-    ``train_queries=1`` adds the queries of the segment that triggers training to
-    the k-means sample; ``assign=2`` adds every key to its 2 nearest lists (twice the
-    index RAM; a search takes ``k * assign`` results and keeps each slot once).
+    search is exact until then. For queries that do not lie where the keys do
+    (queries and keys are different projections), ``assign=2`` adds every key to
+    its 2 nearest lists (twice the index RAM; a search takes ``k * assign``
+    results and keeps each slot once); off by default.
     """
 
     name = "faiss-ivf"
     approximate = True
 
     def __init__(self, *args, nlist: Optional[int] = None, nprobe: int = 8,
-                 train_size: Optional[int] = None, train_queries: int = 0, assign: int = 1, **kwargs):
+                 train_size: Optional[int] = None, assign: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
         self.nlist = nlist or default_nlist(self.memory_size)
         self.nprobe = min(nprobe, self.nlist)
@@ -129,7 +128,7 @@ class FaissIVFSearch(SearchBackend):
             from fairseq_memtrm.errors import MemtrmUserError
 
             raise MemtrmUserError(f"faiss-ivf: assign={assign} must be between 1 and nlist ({self.nlist})")
-        self.train_queries, self.assign = bool(train_queries), int(assign)
+        self.assign = int(assign)
         self.indexes: Dict[int, List[faiss.IndexIVFFlat]] = {}  # stream -> one index per head
         self.exact = ExactSearch(*args, **kwargs)
 
@@ -168,15 +167,13 @@ class FaissIVFSearch(SearchBackend):
                 index.remove_ids(selector)  # every copy of each id
             self._add(index, host_keys[head], ids)
 
-    def _build(self, keys: Tensor, queries: Tensor) -> List[faiss.IndexIVFFlat]:
-        """Train one index per head on the ring's keys (H, N, D) (and ``queries`` (H, T, D)
-        with ``train_queries``); ids = slots 0..N-1."""
+    def _build(self, keys: Tensor) -> List[faiss.IndexIVFFlat]:
+        """Train one index per head on the ring's keys (H, N, D); ids = slots 0..N-1."""
         host_keys = host_float32(keys)
-        host_queries = host_float32(queries) if self.train_queries else None
         ids = np.arange(host_keys.shape[1], dtype=np.int64)
         sample = np.random.default_rng(0).permutation(ids.size)[: self.train_size]
         indexes = []
-        for head, head_keys in enumerate(host_keys):
+        for head_keys in host_keys:
             # the factory's index owns its quantizer (no dangling reference)
             index = faiss.index_factory(self.head_dim, f"IVF{self.nlist},Flat", faiss.METRIC_INNER_PRODUCT)
             index.cp.min_points_per_centroid = 1  # train_size is ours to choose; no warning
@@ -184,10 +181,7 @@ class FaissIVFSearch(SearchBackend):
             # k-means lets a few long centroids take most keys (lists ~100x
             # unbalanced on real keys, recall near 0); spherical keeps them even.
             index.cp.spherical = True
-            training = head_keys[sample]
-            if host_queries is not None:
-                training = np.concatenate([training, host_queries[head]])
-            index.train(np.ascontiguousarray(training))
+            index.train(np.ascontiguousarray(head_keys[sample]))
             self._add(index, head_keys, ids)
             index.nprobe = self.nprobe
             indexes.append(index)
@@ -198,7 +192,7 @@ class FaissIVFSearch(SearchBackend):
         if indexes is None:
             if keys.size(1) < max(self.train_size, self.nlist):
                 return self.exact.search(stream, queries, keys, k)
-            indexes = self.indexes[stream] = self._build(keys, queries)
+            indexes = self.indexes[stream] = self._build(keys)
         heads, seq_len, _ = queries.shape
         scores = torch.empty(heads, seq_len, k)
         slots = torch.empty(heads, seq_len, k, dtype=torch.long)
