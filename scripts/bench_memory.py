@@ -64,6 +64,7 @@ from fairseq import options, tasks
 from fairseq.data import Dictionary
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
+from fairseq_memtrm.errors import run_script
 from fairseq_memtrm.memory import KNNMemory, MemoryStore, memory_bytes
 from fairseq_memtrm.memory.search import BACKENDS, parse_backend_spec
 from fairseq_memtrm.modules.knn_attention import MEMORY_STATE
@@ -336,7 +337,6 @@ def document_tokens(tokens: torch.Tensor, needed: int) -> torch.Tensor:
     return tokens
 
 
-@torch.no_grad()
 def unit_queries_and_keys(attention, hidden: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """The memory's unit queries and keys (H, T, D) of one segment's layer input (T, 1, C),
     as the layer computes them (``--memory-query``, ``--memory-shift-keys`` aside)."""
@@ -344,6 +344,7 @@ def unit_queries_and_keys(attention, hidden: torch.Tensor) -> Tuple[torch.Tensor
     return q[0], k[0]
 
 
+@torch.no_grad()
 def capture_memory(model, document: torch.Tensor, num_tokens: int, segment: int) -> Dict[str, torch.Tensor]:
     """The first memory layer's unit keys and values (H, N, D) for the first
     ``num_tokens`` of ``document`` (tokens, read again from its start where it is shorter)."""
@@ -435,11 +436,11 @@ def bench_search(captured, memory_size: int, backend: str, args, exact=None) -> 
             "rss_growth_bytes": rss_growth,
             "recall": 1.0,  # exact backends: tests/test_search_backends.py checks equality
         }
-        if exact is None or parse_backend_spec(backend)[0].approximate:
+        if exact is None or cls.approximate:
             # every query segment, scored by what it finds
             result["scores"] = [memory.search(segment[None].expand(args.streams, -1, -1, -1), args.knn_k).scores[0]
                                 for segment in captured["query_segments"]]
-        if exact is not None and parse_backend_spec(backend)[0].approximate:
+        if exact is not None and cls.approximate:
             # Real keys repeat (the same context gives the same key), so the k-th
             # best score is often tied: any entry scoring at least the exact k-th
             # best is a correct answer, whichever of the tied slots it is.
@@ -615,27 +616,26 @@ def main():
     if args.checkpoint:
         model, vanilla, held_out, corpus = checkpoint_models(args)
         losses, vocabulary = [], f"{args.checkpoint}'s dictionary"
+        captured = capture_memory(model, held_out, max(args.memory_sizes), args.segment)
     else:
         train_docs, held_bytes, corpus = load_corpus(args.corpus)
         held_out, vocabulary = byte_tokens(held_bytes), "bytes (256 + 4 specials)"
         model, vanilla = build_models(args)
-    if args.checkpoint:
-        captured = capture_memory(model, held_out, max(args.memory_sizes), args.segment)
-    elif args.load_captured:
-        saved = torch.load(args.load_captured)
-        model.load_state_dict(saved["model"])
-        captured, losses, corpus = saved["captured"], saved["losses"], saved["corpus"]
-        args.train_updates, args.train_batch = saved["training"]["updates"], saved["training"]["batch"]
-        if captured["keys"].size(1) < max(args.memory_sizes):
-            raise SystemExit(f"bench_memory: {args.load_captured} holds {captured['keys'].size(1)} keys, "
-                             f"fewer than --memory-sizes needs; capture again")
-    else:
-        logger.info("training %d updates on %s", args.train_updates, corpus)
-        losses = train(model, train_docs, args)
-        captured = capture_memory(model, held_out, max(args.memory_sizes), args.segment)
-        if args.save_captured:
-            torch.save({"model": model.state_dict(), "captured": captured, "losses": losses, "corpus": corpus,
-                        "training": {"updates": args.train_updates, "batch": args.train_batch}}, args.save_captured)
+        if args.load_captured:
+            saved = torch.load(args.load_captured)
+            model.load_state_dict(saved["model"])
+            captured, losses, corpus = saved["captured"], saved["losses"], saved["corpus"]
+            args.train_updates, args.train_batch = saved["training"]["updates"], saved["training"]["batch"]
+            if captured["keys"].size(1) < max(args.memory_sizes):
+                raise SystemExit(f"bench_memory: {args.load_captured} holds {captured['keys'].size(1)} keys, "
+                                 f"fewer than --memory-sizes needs; capture again")
+        else:
+            logger.info("training %d updates on %s", args.train_updates, corpus)
+            losses = train(model, train_docs, args)
+            captured = capture_memory(model, held_out, max(args.memory_sizes), args.segment)
+            if args.save_captured:
+                torch.save({"model": model.state_dict(), "captured": captured, "losses": losses, "corpus": corpus,
+                            "training": {"updates": args.train_updates, "batch": args.train_batch}}, args.save_captured)
     captured.update(capture_queries(model, held_out, max(args.memory_sizes), args.segment, args.recall_segments))
     captured["batch_tokens"] = captured["segment_tokens"].expand(args.streams, -1).contiguous()
     if not args.checkpoint:
@@ -738,4 +738,4 @@ def print_table(report: Dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "bench_memory.py")
