@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from fairseq_memtrm.errors import MemtrmUserError
 from fairseq_memtrm.memory import ChunkedKNNMemory, KNNMemory, memory_bytes
 from fairseq_memtrm.memory.faiss_search import FaissIVFSearch
+from fairseq_memtrm.memory import search as search_module
 from fairseq_memtrm.memory.search import BACKENDS, ExactSearch
 
 H, D, K = 2, 16, 4
@@ -97,17 +98,33 @@ def test_exact_backends_equal_brute_force(backend, num_tokens):
             np.testing.assert_array_equal(found.values[b, h].numpy(), held_values[b, h].numpy()[ref_index])
 
 
+@pytest.mark.parametrize("path", ["_grouped_topk", "_full_topk"])
 @pytest.mark.parametrize("num_keys", [1024, 1027, 5000])
-def test_grouped_exact_search_matches_full_topk(num_keys):
-    """The two-pass search, including a last group shorter than ``group_size``."""
+def test_both_exact_search_paths_match_full_topk(num_keys, path, monkeypatch):
+    """The two-pass search (including a last group shorter than ``group_size``)
+    and the plain one (a few query rows at a time) both equal one big top-k."""
+    monkeypatch.setattr(search_module, "FULL_SCORES", 3 * 7 * num_keys)  # 7 query rows per pass
     g = torch.Generator().manual_seed(1)
     queries = torch.randn(3, 50, D, generator=g)
     keys = torch.randn(3, num_keys, D, generator=g)
     search = ExactSearch(1, 3, D, num_keys, block_size=200)
-    scores, slots = search.search(0, queries, keys, 16)
+    scores, slots = getattr(search, path)(queries, keys, 16)
     ref_scores, ref_slots = torch.bmm(queries, keys.transpose(1, 2)).topk(16, dim=-1)
     torch.testing.assert_close(scores, ref_scores)
     assert (slots == ref_slots).float().mean() > 0.999  # only exact float ties may swap
+
+
+def test_exact_search_takes_the_plain_path_where_candidates_outnumber_keys(monkeypatch):
+    """Two-pass candidates cost k * group_size * D floats per query: worth it only
+    above that many keys."""
+    search = ExactSearch(1, 1, D, 10_000)
+    taken = []
+    monkeypatch.setattr(search, "_grouped_topk", lambda q, keys, k: taken.append("grouped"))
+    monkeypatch.setattr(search, "_full_topk", lambda q, keys, k: taken.append("full"))
+    bound = 4 * search.group_size * D
+    for num_keys in (bound, bound + 1):
+        search.search(0, torch.zeros(1, 2, D), torch.zeros(1, num_keys, D), 4)
+    assert taken == ["full", "grouped"]
 
 
 @pytest.mark.parametrize("backend", APPROXIMATE_BACKENDS)

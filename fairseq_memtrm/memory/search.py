@@ -14,6 +14,9 @@ import torch
 from torch import Tensor
 
 
+FULL_SCORES = 1 << 24  # scores (64 MB in fp32) one plain top-k pass of ExactSearch writes at most
+
+
 class SearchBackend:
     """Interface. Shapes: ``H`` heads, ``T`` queries, ``N`` valid keys, ``D`` dims."""
 
@@ -69,9 +72,13 @@ class ExactSearch(SearchBackend):
 
     Results equal brute force (up to float rounding of equal scores). Scratch
     memory is ``H * T * (block_size + N / group_size + k * group_size * D)``
-    floats. Small memories (fewer than ``4 * k * group_size`` keys) take the
-    plain running top-k over blocks. Runs on the keys' device (CUDA included);
-    fp16 keys are upcast one block at a time.
+    floats. The candidates of step 2 cost ``k * group_size * D`` floats per query
+    against the ``N`` scores a plain top-k writes, so a memory of at most
+    ``k * group_size * D`` keys (small memories; wide keys; large ``k``, as the
+    neural cache's 1024) takes the plain top-k over full score rows instead, a
+    bounded number of queries at a time (docs/benchmark.md has both measured).
+    Runs on the keys' device (CUDA included); fp16 keys are upcast one block
+    at a time.
     """
 
     name = "exact"
@@ -83,23 +90,18 @@ class ExactSearch(SearchBackend):
         self._scratch: Optional[Tensor] = None
 
     def search(self, stream, queries, keys, k):
-        if keys.size(1) < 4 * k * self.group_size:
-            return self._running_topk(queries, keys, k)
+        if keys.size(1) <= k * self.group_size * keys.size(-1):
+            return self._full_topk(queries, keys, k)
         return self._grouped_topk(queries, keys, k)
 
-    def _running_topk(self, queries: Tensor, keys: Tensor, k: int) -> Tuple[Tensor, Tensor]:
-        """Score block by block, merging each block's top-k into the running top-k."""
-        best_scores = best_slots = None
-        for start in range(0, keys.size(1), self.block_size):
-            block = keys[:, start : start + self.block_size].to(queries.dtype)
-            scores = torch.bmm(queries, block.transpose(1, 2))  # (H, T, block)
-            top_scores, top_slots = scores.topk(min(k, block.size(1)), dim=-1)
-            top_slots += start
-            if best_scores is not None:
-                top_scores, order = torch.cat([best_scores, top_scores], dim=-1).topk(k, dim=-1)
-                top_slots = torch.cat([best_slots, top_slots], dim=-1).gather(-1, order)
-            best_scores, best_slots = top_scores, top_slots
-        return best_scores, best_slots
+    def _full_topk(self, queries: Tensor, keys: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+        """Plain top-k over whole score rows, at most ``FULL_SCORES`` scores at a time."""
+        heads, seq_len, _ = queries.shape
+        keys_t = keys.to(queries.dtype).transpose(1, 2)
+        rows = max(1, FULL_SCORES // (heads * keys.size(1)))
+        found = [torch.bmm(queries[:, start : start + rows], keys_t).topk(k, dim=-1)
+                 for start in range(0, seq_len, rows)]
+        return torch.cat([f.values for f in found], dim=1), torch.cat([f.indices for f in found], dim=1)
 
     def _scratch_for(self, numel: int, like: Tensor) -> Tensor:
         """A reused flat buffer: fresh large allocations page-fault on every call."""
