@@ -125,6 +125,7 @@ def test_exact_search_takes_the_plain_path_where_candidates_outnumber_keys(monke
     for num_keys in (bound, bound + 1):
         search.search(0, torch.zeros(1, 2, D), torch.zeros(1, num_keys, D), 4)
     assert taken == ["full", "grouped"]
+    assert [search.two_pass(n, 4) for n in (bound, bound + 1)] == [False, True]
 
 
 @pytest.mark.parametrize("backend", APPROXIMATE_BACKENDS)

@@ -89,10 +89,14 @@ class ExactSearch(SearchBackend):
         self.group_size = group_size
         self._scratch: Optional[Tensor] = None
 
+    def two_pass(self, num_keys: int, k: int) -> bool:
+        """Whether ``num_keys`` keys are searched in two passes (else: plain top-k)."""
+        return num_keys > k * self.group_size * self.head_dim
+
     def search(self, stream, queries, keys, k):
-        if keys.size(1) <= k * self.group_size * keys.size(-1):
-            return self._full_topk(queries, keys, k)
-        return self._grouped_topk(queries, keys, k)
+        if self.two_pass(keys.size(1), k):
+            return self._grouped_topk(queries, keys, k)
+        return self._full_topk(queries, keys, k)
 
     def _full_topk(self, queries: Tensor, keys: Tensor, k: int) -> Tuple[Tensor, Tensor]:
         """Plain top-k over whole score rows, at most ``FULL_SCORES`` scores at a time."""
