@@ -53,7 +53,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import faiss
 import numpy as np
@@ -238,9 +238,6 @@ def checkpoint_models(args):
     model, task = load(args.checkpoint, args.data, "test", args.segment, args.streams, overrides, True)
     vanilla, _ = load(args.checkpoint, args.data, "test", args.segment, args.streams, {"memory_size": 0}, True)
     attention = model.memory_attentions()[0]
-    if bool(getattr(attention, "memory_position_free", False)):
-        raise SystemExit(f"bench_memory: {args.checkpoint} keys its memory position-free; capture needs a checkpoint "
-                         "whose memory keys are its attention keys (e.g. scripts/finetune_memory.sh's)")
     documents = task.dataset("test")  # a DocumentDataset: one item per document
     longest = max(range(len(documents)), key=documents.num_tokens)
     tokens = documents.tokens(longest, 0, documents.num_tokens(longest)).long()
@@ -315,9 +312,11 @@ def train(model, documents: List[bytes], args) -> List[float]:
 
 
 def hidden_states_of(model, tokens: torch.Tensor, segment: int):
-    """Yield, per segment of ``tokens`` (N,), the memory layer's input (T, 1, C),
-    read with memory off (plain attention; segments are independent then)."""
+    """Yield, per segment of ``tokens`` (N,), the memory layer's input (T, 1, C) and
+    what its memory keys are computed from where that differs (position-free keys;
+    else None), read with memory off (plain attention; segments are independent then)."""
     attention = model.memory_attentions()[0]
+    layer_id = model.memory_layer_ids[0]
     seen: List[torch.Tensor] = []
     hook = attention.register_forward_pre_hook(  # the decoder layer passes query=... by keyword
         lambda module, args, kwargs: seen.append(kwargs["query"] if "query" in kwargs else args[0]), with_kwargs=True
@@ -325,8 +324,9 @@ def hidden_states_of(model, tokens: torch.Tensor, segment: int):
     model.eval()
     try:
         for start in range(0, tokens.numel(), segment):
-            model.decoder(tokens[None, start : start + segment])
-            yield start, seen.pop()
+            segment_tokens = tokens[None, start : start + segment]
+            model.decoder(segment_tokens)
+            yield start, seen.pop(), model.memory_input(segment_tokens, layer_id)
     finally:
         hook.remove()
 
@@ -337,10 +337,12 @@ def document_tokens(tokens: torch.Tensor, needed: int) -> torch.Tensor:
     return tokens
 
 
-def unit_queries_and_keys(attention, hidden: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def unit_queries_and_keys(attention, hidden: torch.Tensor,
+                          memory_input: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The memory's unit queries and keys (H, T, D) of one segment's layer input (T, 1, C),
-    as the layer computes them (``--memory-query``, ``--memory-shift-keys`` aside)."""
-    q, k = attention.memory_projections(hidden, attention.split_heads(attention.q_proj(hidden)))
+    as the layer computes them (``--memory-shift-keys`` aside)."""
+    q, k = attention.memory_projections(hidden, attention.split_heads(attention.q_proj(hidden)),
+                                        memory_input=memory_input)
     return q[0], k[0]
 
 
@@ -350,8 +352,9 @@ def capture_memory(model, document: torch.Tensor, num_tokens: int, segment: int)
     ``num_tokens`` of ``document`` (tokens, read again from its start where it is shorter)."""
     attention = model.memory_attentions()[0]
     keys, values = [], []
-    for start, hidden in hidden_states_of(model, document_tokens(document, num_tokens)[:num_tokens], segment):
-        keys.append(unit_queries_and_keys(attention, hidden)[1])
+    for start, hidden, memory_input in hidden_states_of(model, document_tokens(document, num_tokens)[:num_tokens],
+                                                        segment):
+        keys.append(unit_queries_and_keys(attention, hidden, memory_input)[1])
         values.append(attention.split_heads(attention.v_proj(hidden))[0])
         if (start // segment) % 128 == 0:
             logger.info("capturing keys: %d / %d tokens", start, num_tokens)
@@ -366,7 +369,8 @@ def capture_queries(model, document: torch.Tensor, num_tokens: int, segment: int
     attention = model.memory_attentions()[0]
     tokens = document_tokens(document, num_tokens + count * segment + 1)
     after = tokens[num_tokens : num_tokens + count * segment]
-    queries = [unit_queries_and_keys(attention, hidden)[0] for _, hidden in hidden_states_of(model, after, segment)]
+    queries = [unit_queries_and_keys(attention, hidden, memory_input)[0]
+               for _, hidden, memory_input in hidden_states_of(model, after, segment)]
     return {"query_segments": torch.stack(queries), "queries": queries[0],
             "segment_tokens": tokens[None, num_tokens : num_tokens + segment + 1]}
 
