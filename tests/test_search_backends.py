@@ -115,17 +115,17 @@ def test_both_exact_search_paths_match_full_topk(num_keys, path, monkeypatch):
 
 
 def test_exact_search_takes_the_plain_path_where_candidates_outnumber_keys(monkeypatch):
-    """Two-pass candidates cost k * group_size * D floats per query: worth it only
-    above that many keys."""
+    """Two-pass candidates cost k * group_size * D floats per query: worth it from
+    that many keys on."""
     search = ExactSearch(1, 1, D, 10_000)
     taken = []
     monkeypatch.setattr(search, "_grouped_topk", lambda q, keys, k: taken.append("grouped"))
     monkeypatch.setattr(search, "_full_topk", lambda q, keys, k: taken.append("full"))
     bound = 4 * search.group_size * D
-    for num_keys in (bound, bound + 1):
+    for num_keys in (bound - 1, bound):
         search.search(0, torch.zeros(1, 2, D), torch.zeros(1, num_keys, D), 4)
     assert taken == ["full", "grouped"]
-    assert [search.two_pass(n, 4) for n in (bound, bound + 1)] == [False, True]
+    assert [search.two_pass(n, 4) for n in (bound - 1, bound)] == [False, True]
 
 
 @pytest.mark.parametrize("backend", APPROXIMATE_BACKENDS)

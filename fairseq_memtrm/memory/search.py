@@ -73,7 +73,7 @@ class ExactSearch(SearchBackend):
     Results equal brute force (up to float rounding of equal scores). Scratch
     memory is ``H * T * (block_size + N / group_size + k * group_size * D)``
     floats. The candidates of step 2 cost ``k * group_size * D`` floats per query
-    against the ``N`` scores a plain top-k writes, so a memory of at most
+    against the ``N`` scores a plain top-k writes, so a memory of fewer than
     ``k * group_size * D`` keys (small memories; wide keys; large ``k``, as the
     neural cache's 1024) takes the plain top-k over full score rows instead, a
     bounded number of queries at a time (docs/benchmark.md has both measured).
@@ -83,7 +83,7 @@ class ExactSearch(SearchBackend):
 
     name = "exact"
 
-    def __init__(self, *args, block_size: int = 512, group_size: int = 8, **kwargs):
+    def __init__(self, *args, block_size: int = 256, group_size: int = 8, **kwargs):
         super().__init__(*args, **kwargs)
         self.block_size = block_size
         self.group_size = group_size
@@ -91,7 +91,7 @@ class ExactSearch(SearchBackend):
 
     def two_pass(self, num_keys: int, k: int) -> bool:
         """Whether ``num_keys`` keys are searched in two passes (else: plain top-k)."""
-        return num_keys > k * self.group_size * self.head_dim
+        return num_keys >= k * self.group_size * self.head_dim
 
     def search(self, stream, queries, keys, k):
         if self.two_pass(keys.size(1), k):
