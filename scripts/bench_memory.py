@@ -129,6 +129,9 @@ def parse_args():
         parser.error("--checkpoint captures from the checkpoint itself: drop --load-captured/--save-captured")
     if args.embed_dim % args.heads:
         parser.error("--embed-dim must be a multiple of --heads")
+    for flag, path in (("--checkpoint", args.checkpoint), ("--data", args.data), ("--load-captured", args.load_captured)):
+        if path and not os.path.exists(path):  # before minutes of measuring the machine
+            parser.error(f"{flag} {path} does not exist; give an existing path")
     return args
 
 
