@@ -13,26 +13,16 @@ against measurements on any machine::
 """
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 
+from bench_memory import median_time  # this script's folder is on the path when it runs
 from fairseq_memtrm.memory.search import ExactSearch
 
 # (heads, dims, keys, k)
 CASES = [(8, 32, 8192, 32), (8, 32, 16384, 32), (8, 32, 65536, 32),
          (1, 256, 65536, 32), (1, 256, 65536, 1024)]
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: allocations, thread pool
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -51,8 +41,8 @@ def main() -> None:
         queries = F.normalize(torch.randn(heads, args.queries, dims, generator=generator), dim=-1)
         keys = F.normalize(torch.randn(heads, num_keys, dims, generator=generator), dim=-1)
         search = ExactSearch(1, heads, dims, num_keys)
-        grouped = median_seconds(lambda: search._grouped_topk(queries, keys, k), args.repeats)
-        plain = median_seconds(lambda: search._full_topk(queries, keys, k), args.repeats)
+        grouped = median_time(lambda: search._grouped_topk(queries, keys, k), args.repeats, warmup=1)
+        plain = median_time(lambda: search._full_topk(queries, keys, k), args.repeats, warmup=1)
         taken = "two-pass" if search.two_pass(num_keys, k) else "plain"
         print(f"| {heads} x {dims}, {num_keys // 1024}K, k {k} | {grouped:.3f} s | {plain:.3f} s | {taken} |",
               flush=True)

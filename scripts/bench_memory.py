@@ -64,7 +64,7 @@ from fairseq import options, tasks
 from fairseq.data import Dictionary
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
-from fairseq_memtrm.errors import run_script
+from fairseq_memtrm.errors import MemtrmUserError, run_script
 from fairseq_memtrm.memory import KNNMemory, MemoryStore, memory_bytes
 from fairseq_memtrm.memory.search import BACKENDS, parse_backend_spec
 from fairseq_memtrm.modules.knn_attention import MEMORY_STATE
@@ -215,7 +215,7 @@ def load_corpus(choice: str) -> Tuple[List[bytes], bytes, str]:
         held_out = max((path.read_bytes() for path in sorted((BOOKS / "test").glob("*.txt"))), key=len)
         return train, held_out, f"books ({BOOKS}), held-out: longest test book"
     if choice == "books":
-        raise SystemExit(f"bench_memory: --corpus books needs {BOOKS}/train and test; use --corpus stdlib")
+        raise MemtrmUserError(f"--corpus books needs {BOOKS}/train and test; use --corpus stdlib")
     stdlib = Path(os.path.dirname(os.__file__))
     files = sorted(stdlib.rglob("*.py"))
     train = [path.read_bytes() for path in files if path.name[0].lower() < "n"]
@@ -634,8 +634,8 @@ def main():
             captured, losses, corpus = saved["captured"], saved["losses"], saved["corpus"]
             args.train_updates, args.train_batch = saved["training"]["updates"], saved["training"]["batch"]
             if captured["keys"].size(1) < max(args.memory_sizes):
-                raise SystemExit(f"bench_memory: {args.load_captured} holds {captured['keys'].size(1)} keys, "
-                                 f"fewer than --memory-sizes needs; capture again")
+                raise MemtrmUserError(f"{args.load_captured} holds {captured['keys'].size(1)} keys, "
+                                      f"fewer than --memory-sizes needs; capture again")
         else:
             logger.info("training %d updates on %s", args.train_updates, corpus)
             losses = train(model, train_docs, args)
