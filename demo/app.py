@@ -41,6 +41,7 @@ from demo.report import MAX_DOCUMENT_TOKENS, DocumentReport, ReadCancelled, buil
 from demo.report_cache import DEFAULT_CACHE_DIR, ReportCache  # noqa: E402
 from demo.views import (TOKENS_PER_PAGE, distance_histogram, page_count, page_of, prediction_rows,  # noqa: E402
                         render_page, segment_gain_chart, token_links)
+from fairseq_memtrm.console import configure_logging  # noqa: E402
 from fairseq_memtrm.errors import MemtrmUserError  # noqa: E402
 
 logger = logging.getLogger("demo.app")
@@ -678,9 +679,7 @@ def main(argv=None):
     parser.add_argument("--precompute", action="store_true",
                         help="read every sample with the default settings into --cache-dir, then exit")
     args = parser.parse_args(argv)
-    # force: an imported library may already have configured the root logger at DEBUG
-    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO,
-                        force=True)
+    configure_logging(logging.INFO, stream=sys.stderr)
     for noisy in ("httpx", "httpcore", "httpcore2", "asyncio", *NOISY_IMPORT_LOGGERS):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

@@ -27,6 +27,7 @@ committed models to these checks; the command prints them for any checkpoint:
 import argparse
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -36,6 +37,7 @@ import numpy as np
 
 from demo.checkpoint import DemoModel, load_demo_model
 from demo.report import build_report, token_details
+from fairseq_memtrm.console import configure_logging
 from fairseq_memtrm.errors import MemtrmUserError
 
 SEGMENT, MEMORY, K = 512, 65536, 32
@@ -144,7 +146,7 @@ def main(argv: Optional[List[str]] = None):
     parser.add_argument("--book-tokens", type=int, default=12000, help="tokens of the novel to read")
     parser.add_argument("--shift", type=int, default=5, help="position check: tokens put before the text")
     args = parser.parse_args(argv)
-    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.WARNING)
+    configure_logging(logging.WARNING, stream=sys.stderr)  # stdout is the checks' report
     try:
         if args.book and not os.path.isfile(args.book):
             raise MemtrmUserError(f"--book {args.book}: no such file")

@@ -49,7 +49,6 @@ import os
 import platform
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -64,6 +63,7 @@ from fairseq import options, tasks
 from fairseq.data import Dictionary
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
+from fairseq_memtrm.console import configure_logging
 from fairseq_memtrm.errors import MemtrmUserError, run_script
 from fairseq_memtrm.memory import KNNMemory, MemoryStore, memory_bytes
 from fairseq_memtrm.memory.search import BACKENDS, parse_backend_spec
@@ -609,7 +609,7 @@ def profile_step(model, captured, args) -> Dict:
 
 # --------------------------------------------------------------------- main
 def main():
-    logging.basicConfig(format="%(asctime)s | %(message)s", level=logging.INFO, stream=sys.stdout)
+    configure_logging(fmt="%(asctime)s | %(message)s")
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -16,10 +16,9 @@ Example::
 """
 
 import argparse
-import logging
-import sys
 from pathlib import Path
 
+from fairseq_memtrm.console import configure_logging
 from fairseq_memtrm.errors import run_script
 from fairseq_memtrm.evaluation import load
 from fairseq_memtrm.testtime.knn_lm import build_datastore
@@ -44,8 +43,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.max_tokens is not None and args.max_tokens < 1:
         parser.error("--max-tokens must be at least 1")
-    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO,
-                        stream=sys.stdout)
+    configure_logging()
     model, task = load(args.checkpoint, args.data, args.subset, args.tokens_per_sample, args.batch_size, {},
                        args.cpu)
     build_datastore(model, task, args.subset, Path(args.out), args.tokens_per_sample, args.batch_size, args.index,

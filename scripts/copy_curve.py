@@ -29,6 +29,7 @@ import re
 
 import torch
 
+from fairseq_memtrm.console import configure_logging
 from fairseq_memtrm.diagnostics import copy_score, in_context_score, load_passages
 from fairseq_memtrm.errors import MemtrmUserError
 
@@ -74,7 +75,7 @@ def main():
                         help="Olsson's score for the last checkpoint of the last folder only (it reads "
                         "--in-context-segments x 512 tokens per checkpoint)")
     args = parser.parse_args()
-    logging.basicConfig(format="%(asctime)s | %(message)s", level=logging.INFO, force=True)
+    configure_logging(fmt="%(asctime)s | %(message)s")
     for folder in args.folders:
         if not os.path.isdir(folder):
             raise MemtrmUserError(f"copy_curve: no checkpoint folder {folder}")

@@ -28,10 +28,12 @@ import argparse
 import json
 import logging
 import os
+import sys
 
 import torch
 
 
+from fairseq_memtrm.console import configure_logging
 from fairseq_memtrm.diagnostics import copy_score, induction_scores, load_passages, planted_key_ranks
 from fairseq_memtrm.errors import MemtrmUserError
 from fairseq_memtrm.evaluation import add_probe_arguments, load_task, planted_probes
@@ -58,7 +60,7 @@ def main():
     parser.add_argument("--tokens-per-sample", type=int, default=512, help="--key-ranks: the segment length")
     add_probe_arguments(parser)
     args = parser.parse_args()
-    logging.disable(logging.INFO)
+    configure_logging(logging.WARNING, stream=sys.stderr)  # stdout is the JSON result
     for path in (args.checkpoint, os.path.join(args.data_bin, "dict.txt")):
         if not os.path.isfile(path):
             raise MemtrmUserError(f"copy_score: no file {path}")

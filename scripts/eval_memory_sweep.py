@@ -38,7 +38,6 @@ import json
 import logging
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -48,6 +47,7 @@ import torch
 from fairseq import progress_bar, utils
 from fairseq.data import Dictionary
 
+from fairseq_memtrm.console import configure_logging
 from fairseq_memtrm.analysis import entries_hold_token, gains_by_token_type
 from fairseq_memtrm.diagnostics import (
     PROBE_KEYS, PROBE_PASSAGES, copy_score, load_passages, planted_passage_loss,
@@ -399,8 +399,7 @@ def main(argv=None):
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--log-format", default=None, choices=["tqdm", "simple", "none", "json"])
     args = parser.parse_args(argv)
-    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO,
-                        stream=sys.stdout)
+    configure_logging()
     try:
         sizes = [int(s) for s in args.memory_sizes.split(",") if s.strip()]
     except ValueError:

@@ -40,7 +40,6 @@ import logging
 import math
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -49,6 +48,7 @@ import torch
 
 from fairseq import utils
 
+from fairseq_memtrm.console import configure_logging
 from fairseq_memtrm.errors import run_script
 from fairseq_memtrm.diagnostics import PROBE_KEYS
 from fairseq_memtrm.evaluation import (
@@ -351,9 +351,7 @@ def write_outputs(out: Path, report):
 
 def main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO,
-                        stream=sys.stdout)
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    configure_logging()
     probes = probe_documents(args)
     runs, tuning = [], None
     if args.tune_subset is not None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from fairseq_memtrm.console import configure_logging
 from fairseq_memtrm.evaluation import load
 from fairseq_memtrm.memory.matrix_memory import write_strength
 
@@ -63,7 +64,7 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="OUT.json is written")
     parser.add_argument("--cpu", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stdout)
+    configure_logging(logging.WARNING, stream=sys.stderr)
     model, task = load(args.checkpoint, args.data, args.subset, args.tokens_per_sample, args.batch_size,
                        ast.literal_eval(args.overrides), args.cpu)
     rows = measure(model, task, args.subset, args.tokens_per_sample, args.batch_size, args.every)

@@ -39,6 +39,7 @@ from fairseq import checkpoint_utils, options, tasks, utils
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.trainer import Trainer
 
+from fairseq_memtrm.console import configure_logging
 from fairseq_memtrm.errors import MemtrmUserError
 
 logger = logging.getLogger("measure_staleness")
@@ -132,8 +133,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="JSON report; a markdown table is printed too")
     own = parser.parse_args(argv[:split])
-    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO,
-                        stream=sys.stdout)
+    configure_logging()
 
     args = options.parse_args_and_arch(options.get_training_parser(), argv[split + 1:])
     cfg = convert_namespace_to_omegaconf(args)

@@ -53,6 +53,7 @@ from typing import Dict, Iterator, List, Optional
 import sentencepiece as spm
 from tqdm import tqdm
 
+from fairseq_memtrm.console import configure_logging
 from fairseq_memtrm.data.encoding import document_lines, line_pieces
 from fairseq_memtrm.errors import MemtrmUserError
 
@@ -688,8 +689,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> str:
-    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
-                        level=logging.INFO, stream=sys.stdout, force=True)
+    configure_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
     args.splits = [s for s in args.splits.split(",") if s]

@@ -28,6 +28,7 @@ import torch
 from fairseq import options, tasks
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
+from fairseq_memtrm.console import configure_logging
 from fairseq_memtrm.data.document_streams import DocumentStreamDataset
 from fairseq_memtrm.errors import MemtrmUserError, run_script
 from fairseq_memtrm.evaluation import PACKAGE
@@ -161,9 +162,7 @@ def write_report(out: Path, args, results):
 
 def main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO,
-                        stream=sys.stdout)
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    configure_logging()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {}

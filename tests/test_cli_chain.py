@@ -71,6 +71,10 @@ def test_vanilla_transformer_lm_is_the_baseline_under_the_same_segmentation(prep
     tokens, loss = evaluated(result)
     assert tokens == split_tokens(prepared_data_bin, "test")
     assert math.isfinite(loss) and loss > 0
+    # fairseq_cli's own log lines, without the pinned libraries' warnings and import-time DEBUG lines
+    assert "| INFO | fairseq_cli.eval_lm |" in result.stdout
+    for noise in ("DEBUG:", "UserWarning", "DeprecationWarning", "faiss.loader"):
+        assert noise not in result.stdout + result.stderr, noise
 
 
 def test_context_window_is_a_clear_error(prepared_data_bin, checkpoints):

@@ -228,7 +228,7 @@ def test_eval_lm_of_a_two_rank_checkpoint_runs_on_one_process(memory_epoch, prep
         assert result.returncode == 0, result.stderr[-3000:]
         ppl.append(re.search(r"Perplexity: ([\d.]+)", result.stdout + result.stderr).group(1))
     assert ppl[0] == ppl[1]
-    assert "runs on one process: --distributed-world-size 2 -> 1" in outs[1].stderr
+    assert "runs on one process: --distributed-world-size 2 -> 1" in outs[1].stdout + outs[1].stderr
 
 
 def test_torchrun_on_cpu_trains_two_ranks(prepared_data_bin, tmp_path):
