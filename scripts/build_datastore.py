@@ -40,6 +40,7 @@ def main(argv=None):
     parser.add_argument("--pq-m", type=int, default=None, help="ivfpq: bytes per compressed key (divides the width)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even where CUDA is available")
     parser.add_argument("--log-format", default=None, choices=["tqdm", "simple", "none", "json"])
+    parser.add_argument("--log-interval", type=int, default=50, help="batches between progress lines (simple, json)")
     args = parser.parse_args(argv)
     if args.max_tokens is not None and args.max_tokens < 1:
         parser.error("--max-tokens must be at least 1")
@@ -47,7 +48,7 @@ def main(argv=None):
     model, task = load(args.checkpoint, args.data, args.subset, args.tokens_per_sample, args.batch_size, {},
                        args.cpu)
     build_datastore(model, task, args.subset, Path(args.out), args.tokens_per_sample, args.batch_size, args.index,
-                    args.max_tokens, args.nlist, args.pq_m, args.log_format)
+                    args.max_tokens, args.nlist, args.pq_m, args.log_format, log_interval=args.log_interval)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ models, and the CLI on a slice of real documents."""
 
 import json
 import math
+import re
 import sys
 
 import numpy as np
@@ -485,11 +486,14 @@ def test_cli_knnlm_builds_a_store_and_scores_with_it(prepared_data_bin, checkpoi
     store, out = tmp_path / "store", tmp_path / "out"
     result = run_command(sys.executable, REPO / "scripts" / "build_datastore.py", prepared_data_bin, "--checkpoint",
                          checkpoints["transformer_lm"], "--out", store, "--tokens-per-sample", "32", "--batch-size",
-                         "2", "--max-tokens", "2000", "--cpu", "--log-format", "simple", timeout=300)
+                         "2", "--max-tokens", "2000", "--cpu", "--log-format", "simple", "--log-interval", "10",
+                         timeout=300)
     log = result.stdout + result.stderr
     meta = json.loads((store / "meta.json").read_text())
     assert meta["entries"] == 2000 and meta["index"] == "flat"
     assert f"2000 entries x {meta['dim']} dims, flat index" in log and "on disk" in log
+    # progress while the model reads the split, then while the index is filled
+    assert re.search(r"datastore train:\s+10 / \d+ entries=\d+", log) and "2000 of 2000 entries indexed" in log
     eval_testtime(prepared_data_bin, "--checkpoint", checkpoints["transformer_lm"], "--methods", "vanilla,knnlm",
                   "--datastore", store, "--knnlm-lambda", "0,0.3", "--knnlm-k", "8", "--knnlm-temperature", "10",
                   "--tokens-per-sample", "32", "--batch-size", "2", "--max-batches", "4", "--cpu",

@@ -81,7 +81,8 @@ def human(num_bytes: float) -> str:
 @torch.no_grad()
 def build_datastore(model, task, split: str, out: Path, tokens_per_sample: int, batch_size: int,
                     index: str = "auto", max_tokens: Optional[int] = None, nlist: Optional[int] = None,
-                    pq_m: Optional[int] = None, log_format: Optional[str] = None, seed: int = 1) -> Dict:
+                    pq_m: Optional[int] = None, log_format: Optional[str] = None, seed: int = 1,
+                    log_interval: int = 50) -> Dict:
     """Write the datastore of ``split`` to ``out`` (see the module's docstring); returns its meta."""
     out = Path(out)
     dataset = task.dataset(split)
@@ -105,12 +106,12 @@ def build_datastore(model, task, split: str, out: Path, tokens_per_sample: int, 
     vals = np.lib.format.open_memmap(out / "vals.npy", mode="w+", dtype=np.int32, shape=(entries,))
     itr = task.eval_lm_dataloader(dataset, batch_size=batch_size, max_positions=utils.resolve_max_positions(
         task.max_positions(), model.max_positions()))
-    progress = progress_bar.progress_bar(itr, log_format=log_format, log_interval=50, prefix=f"datastore {split}",
+    progress = progress_bar.progress_bar(itr, log_format=log_format, log_interval=log_interval, prefix=f"datastore {split}",
                                          default_log_format="tqdm")
     device = next(model.parameters()).device
     pad = task.target_dictionary.pad()
     filled = 0
-    for sample in progress:
+    for step, sample in enumerate(progress, start=1):
         if filled >= entries:
             break
         sample = utils.move_to_cuda(sample, device) if device.type == "cuda" else sample
@@ -121,6 +122,7 @@ def build_datastore(model, task, split: str, out: Path, tokens_per_sample: int, 
         keys[filled : filled + take] = h[:take]
         vals[filled : filled + take] = y[:take]
         filled += take
+        progress.log({"entries": filled}, step=step)  # simple/json: every log_interval-th batch
     keys.flush()
     vals.flush()
     if filled < entries:
@@ -137,8 +139,12 @@ def build_datastore(model, task, split: str, out: Path, tokens_per_sample: int, 
         sample_size = min(entries, max(256 * options["nlist"], 39 * options["nlist"]))
         chosen = np.sort(rng.choice(entries, size=sample_size, replace=False))
         faiss_index.train(np.ascontiguousarray(keys[chosen], dtype=np.float32))
-    for start in range(0, entries, chunk):
+        logger.info("datastore: index trained on %d sampled entries", sample_size)
+    report_every = max(1, entries // chunk // 10)
+    for number, start in enumerate(range(0, entries, chunk), start=1):
         faiss_index.add(np.ascontiguousarray(keys[start : start + chunk], dtype=np.float32))
+        if number % report_every == 0:
+            logger.info("datastore: %d of %d entries indexed", min(start + chunk, entries), entries)
     faiss.write_index(faiss_index, str(out / "index.faiss"))
     meta = {"entries": entries, "dim": dim, "split": split, "tokens_per_sample": tokens_per_sample,
             "index": kind, **options, "weights_sha256": weights_fingerprint(model),
