@@ -428,6 +428,15 @@ def test_cli_runs_every_method_on_real_documents(prepared_data_bin, checkpoints,
             < runs["vanilla"]["planted_passage"]["second_copy_loss"])
 
 
+def test_cli_shows_its_progress_in_simple_log_format(prepared_data_bin, checkpoints, tmp_path):
+    result = eval_testtime(prepared_data_bin, "--checkpoint", checkpoints["transformer_lm"], "--methods", "vanilla",
+                           "--tokens-per-sample", "32", "--batch-size", "2", "--max-batches", "10", "--probe-gap", "0",
+                           "--cpu", "--log-format", "simple", "--out", tmp_path / "out")
+    tokens = re.search(r"test \(10 batches\):\s+10 / \d+ tokens=(\d+)", result.stdout)
+    report = json.loads((tmp_path / "out" / "testtime.json").read_text())
+    assert tokens and int(tokens.group(1)) == report["runs"][0]["tokens"] > 0
+
+
 def test_cli_tunes_on_another_split_and_scores_only_the_best(prepared_data_bin, checkpoints, tmp_path):
     out = tmp_path / "out"
     eval_testtime(prepared_data_bin, "--checkpoint", checkpoints["transformer_lm"], "--methods", "vanilla,cache",

@@ -74,6 +74,7 @@ def score_streams(scorer, task, subset: str, batch_size: int, tokens_per_sample:
     pad = task.target_dictionary.pad()
     kept: Dict[str, Dict[str, list]] = {}
     device = model_device(getattr(scorer, "model", None))
+    scored = 0
     for index, sample in enumerate(progress):
         if max_batches is not None and index >= max_batches:
             break
@@ -90,6 +91,8 @@ def score_streams(scorer, task, subset: str, batch_size: int, tokens_per_sample:
             runs["type"].append(target[mask].cpu())
         if on_batch is not None:
             on_batch(index, sample)
+        scored += int(mask.sum())
+        progress.log({"tokens": scored}, step=index + 1)  # simple/json: every 10th batch
     return {name: {key: torch.cat(values).numpy() for key, values in runs.items()} for name, runs in kept.items()}
 
 
