@@ -66,5 +66,5 @@ def configure_logging(level=logging.INFO, fmt: str = FORMAT, stream=None) -> Non
     """A script's logging: fairseq's line format at ``level`` on ``stream`` (stdout; stderr for a
     script whose stdout is its result), replacing any earlier set-up."""
     logging.basicConfig(format=fmt, datefmt=DATE_FORMAT, level=level, stream=stream or sys.stdout, force=True)
-    for name in ("matplotlib", "PIL") + NOISY_LOGGERS:
+    for name in ("matplotlib", "PIL"):  # NOISY_LOGGERS were silenced when the package was imported
         logging.getLogger(name).setLevel(logging.WARNING)
