@@ -44,6 +44,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.max_tokens is not None and args.max_tokens < 1:
         parser.error("--max-tokens must be at least 1")
+    if args.log_interval < 1:
+        parser.error("--log-interval must be at least 1")
     configure_logging()
     model, task = load(args.checkpoint, args.data, args.subset, args.tokens_per_sample, args.batch_size, {},
                        args.cpu)

@@ -529,3 +529,10 @@ def test_cli_knnlm_builds_a_store_and_scores_with_it(prepared_data_bin, checkpoi
                             "--max-batches", "1", "--cpu", "--log-format", "none", "--out", out, check=False)
     assert refused.returncode == 2 and "built from another checkpoint's weights" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_build_datastore_log_interval_below_one_is_one_sentence(tmp_path):
+    result = run_command(sys.executable, REPO / "scripts" / "build_datastore.py", tmp_path, "--checkpoint",
+                         tmp_path / "none.pt", "--out", tmp_path / "store", "--log-interval", "0", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith("--log-interval must be at least 1")
