@@ -115,10 +115,21 @@ class ExactSearch(SearchBackend):
         return scratch[:numel]
 
     def _grouped_topk(self, queries: Tensor, keys: Tensor, k: int) -> Tuple[Tensor, Tensor]:
-        heads, seq_len, dim = queries.shape
+        group_max = self._group_maxima(queries, keys)
+        best_groups = group_max.topk(k, dim=-1).indices  # (H, T, k)
+        slots, valid, candidates = self._candidates(keys, best_groups, queries.dtype)
+        return self._rerank(queries, slots, valid, candidates, k)
+
+    def _layout(self) -> Tuple[int, int]:
+        """(G, block): groups per block (the distance between a group's members), keys per block."""
+        stride = max(1, self.block_size // self.group_size)
+        return stride, self.group_size * stride
+
+    def _group_maxima(self, queries: Tensor, keys: Tensor) -> Tensor:
+        """Pass 1: the maximum score of every group, (H, T, groups), in ``queries``' dtype."""
+        heads, seq_len, _ = queries.shape
         num_keys, group = keys.size(1), self.group_size
-        stride = max(1, self.block_size // group)  # G: groups per block, the distance between members
-        block = group * stride
+        stride, block = self._layout()
         num_blocks = -(-num_keys // block)
         group_max = queries.new_empty(heads, seq_len, num_blocks, stride)
         scores = self._scratch_for(heads * seq_len * block, queries).view(heads, seq_len, block)
@@ -129,21 +140,32 @@ class ExactSearch(SearchBackend):
             torch.bmm(queries, keys[:, start : start + width].to(queries.dtype).transpose(1, 2),
                       out=scores[:, :, :width] if width < block else scores)
             torch.amax(scores.view(heads, seq_len, group, stride), dim=2, out=group_max[:, :, index])
+        return group_max.view(heads, seq_len, -1)
 
-        best_groups = group_max.view(heads, seq_len, -1).topk(k, dim=-1).indices  # (H, T, k)
+    def _candidates(self, keys: Tensor, best_groups: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+        """Pass 2a: the members of ``best_groups`` (H, T, c): their ring slots (H, T * c * group_size),
+        which of them exist (the last block can overhang), and their keys (H, T, c * group_size, D)."""
+        heads, seq_len, count = best_groups.shape
+        num_keys, dim, group = keys.size(1), keys.size(2), self.group_size
+        stride, block = self._layout()
         first_member = best_groups // stride * block + best_groups % stride
         members = torch.arange(0, block, stride, device=keys.device)
-        slots = (first_member.unsqueeze(-1) + members).view(heads, seq_len * k * group)
-        valid = slots < num_keys  # only the last block can overhang
+        slots = (first_member.unsqueeze(-1) + members).view(heads, seq_len * count * group)
+        valid = slots < num_keys
         slots = slots.clamp_(max=num_keys - 1)
-        candidates = keys.new_empty(heads, seq_len * k * group, dim)
+        candidates = keys.new_empty(heads, seq_len * count * group, dim)
         for head in range(heads):  # into one buffer: stacking copies 100+ MB again
             torch.index_select(keys[head], 0, slots[head], out=candidates[head])
-        candidates = candidates.view(heads, seq_len, k * group, dim).to(queries.dtype)
-        candidate_scores = torch.einsum("htcd,htd->htc", candidates, queries)  # (H, T, k * group)
+        return slots, valid, candidates.view(heads, seq_len, count * group, dim).to(dtype)
+
+    @staticmethod
+    def _rerank(queries: Tensor, slots: Tensor, valid: Tensor, candidates: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+        """Pass 2b: score the candidates (H, T, C, D) exactly and keep the best ``k``."""
+        heads, seq_len, count, _ = candidates.shape
+        candidate_scores = torch.einsum("htcd,htd->htc", candidates, queries)  # (H, T, C)
         candidate_scores = candidate_scores.masked_fill_(~valid.view_as(candidate_scores), float("-inf"))
         top_scores, order = candidate_scores.topk(k, dim=-1)
-        return top_scores, slots.view(heads, seq_len, k * group).gather(-1, order)
+        return top_scores, slots.view(heads, seq_len, count).gather(-1, order)
 
 
 BACKENDS: Dict[str, Type[SearchBackend]] = {ExactSearch.name: ExactSearch}
