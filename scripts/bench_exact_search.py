@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from bench_memory import median_time  # this script's folder is on the path when it runs
 from fairseq_memtrm.memory.search import ExactSearch
 
-# (heads, dims, keys, k)
 PARTS_SHAPE = (4, 64, 32)  # the memory layer's heads and dims, and k
+# (heads, dims, keys, k)
 CASES = [(8, 32, 8192, 32), (8, 32, 16384, 32), (8, 32, 65536, 32),
          (1, 256, 65536, 32), (1, 256, 65536, 1024)]
 
@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--parts", action="store_true", help="time the stages of one two-pass search instead")
     parser.add_argument("--keys", type=int, default=65536, help="keys searched by --parts")
     args = parser.parse_args()
+    if args.keys < 1 or args.queries < 1 or args.repeats < 1:
+        parser.error("--keys, --queries and --repeats must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(0)
@@ -74,7 +76,8 @@ def time_parts(args, generator) -> None:
 
     def matmuls() -> None:
         for start in range(0, args.keys, block):
-            torch.bmm(queries, keys[:, start : start + block].transpose(1, 2), out=scores[:, :, : min(block, args.keys - start)])
+            width = min(block, args.keys - start)
+            torch.bmm(queries, keys[:, start : start + width].transpose(1, 2), out=scores[:, :, :width])
 
     group_max = search._group_maxima(queries, keys)
     best_groups = group_max.topk(k, dim=-1).indices

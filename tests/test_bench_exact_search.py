@@ -41,3 +41,10 @@ def test_stages_compose_to_brute_force_and_bf16_group_maxima_stay_within_their_r
     # unit vectors: bf16 inputs (2 x 2^-8 relative) and a bf16 output (2^-8) stay within 2^-6
     low = search._group_maxima(queries.bfloat16(), keys.bfloat16()).float()
     assert (low - group_max).abs().max() <= 2 ** -6
+
+
+def test_parts_refuses_zero_keys_in_one_sentence():
+    done = run_command(sys.executable, REPO / "scripts" / "bench_exact_search.py", "--parts", "--keys", "0",
+                       check=False, timeout=120)
+    assert done.returncode == 2
+    assert "--keys, --queries and --repeats must be at least 1" in done.stderr and "Traceback" not in done.stderr
