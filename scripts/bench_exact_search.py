@@ -90,10 +90,10 @@ def time_parts(args, generator) -> None:
         "re-rank": lambda: search._rerank(queries, slots, valid, candidates, k),
         "whole search": lambda: search._grouped_topk(queries, keys, k),
     }
+    low_queries, low_keys = queries.bfloat16(), keys.bfloat16()
     for block_size in (block, 2 * block):
         low = ExactSearch(1, heads, dims, args.keys, block_size=block_size)
-        low_queries, low_keys = queries.bfloat16(), keys.bfloat16()
-        stages[f"pass 1 in bf16, block {block_size}"] = lambda s=low, q=low_queries, kk=low_keys: s._group_maxima(q, kk)
+        stages[f"pass 1 in bf16, block {block_size}"] = lambda s=low: s._group_maxima(low_queries, low_keys)
     print(f"{heads} heads x {dims} dims, {args.keys} keys, k {k}, {args.queries} queries, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}")
     print("| stage | ms |")
