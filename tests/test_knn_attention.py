@@ -58,17 +58,21 @@ def test_empty_stream_gets_local_attention_while_others_use_memory():
     assert not torch.allclose(got[:, 0], expected[:, 0], atol=1e-3)
 
 
+@pytest.mark.parametrize("grad", [True, False])
 @pytest.mark.parametrize("memory_query,shift_keys", [("query", False), ("key", False), ("key", True)])
-def test_output_matches_by_hand_reference(memory_query, shift_keys):
+def test_output_matches_by_hand_reference(memory_query, shift_keys, grad):
     """Top-k by brute force over everything stored, separate softmax, sigmoid gate;
     the memory queried with the token's query or its key, entries keyed by their own
-    token or (shifted) by the previous one."""
+    token or (shifted) by the previous one. Without gradient the logits come from the
+    search's scores (the found keys are not gathered): the same output."""
     plain, knn = pair(gate_init=0.5, knn_k=4, memory_query=memory_query)
     past = torch.randn(T, B, E)
     x = torch.randn(T, B, E)
-    with knn.bind(MemoryBinding(KNNMemory(B, H, D, memory_size=64, shift_keys=shift_keys))):
+    with knn.bind(MemoryBinding(KNNMemory(B, H, D, memory_size=64, shift_keys=shift_keys))), \
+            torch.set_grad_enabled(grad):
         knn(past, past, past, attn_mask=causal_mask(T), need_weights=False)
         got, _ = knn(x, x, x, attn_mask=causal_mask(T), need_weights=False)
+    assert got.requires_grad == grad
 
     with torch.no_grad():
         local = []

@@ -256,8 +256,10 @@ def test_cuda_memory_matches_cpu(backend):
 @pytest.mark.parametrize("store", ["tokens", "chunks"])
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_search_without_vectors_finds_the_same_entries(backend, store):
-    """``vectors=False`` (the neural cache's search) skips only the keys and values:
-    the same scores, positions and mask, streams of different fill, ring wrapped."""
+    """``vectors=False`` (the neural cache's search) skips only the keys and values, and
+    ``keys=False`` (attention without gradient) only the keys: the same scores, positions,
+    mask (and values), streams of different fill, ring wrapped. The scores are the found
+    keys' inner products with the queries, which is what lets the attention skip the keys."""
     g = torch.Generator().manual_seed(5)
     if store == "tokens":
         memory = make_memory(backend, num_streams=2, memory_size=1000)
@@ -272,6 +274,12 @@ def test_search_without_vectors_finds_the_same_entries(backend, store):
     assert full.mask.any()
     torch.testing.assert_close(bare.scores, full.scores)
     assert torch.equal(bare.positions, full.positions) and torch.equal(bare.mask, full.mask)
+    no_keys = memory.search(queries, 4 * K, keys=False)
+    assert no_keys.keys is None and torch.equal(no_keys.values, full.values)
+    torch.testing.assert_close(no_keys.scores, full.scores)
+    assert torch.equal(no_keys.positions, full.positions) and torch.equal(no_keys.mask, full.mask)
+    products = torch.einsum("bhtd,bhtkd->bhtk", queries, full.keys)
+    torch.testing.assert_close(full.scores[full.mask], products[full.mask], rtol=1e-5, atol=1e-5)
 
 
 def test_ivf_two_lists_per_key_find_each_slot_once_and_evict_every_copy():

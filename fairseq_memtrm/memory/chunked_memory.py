@@ -118,7 +118,7 @@ class ChunkedKNNMemory(MemoryStore):
         self.chunks.add(chunk_keys, chunk_values, chunk_mask)
 
     @torch.no_grad()
-    def search(self, queries: Tensor, k: int, vectors: bool = True) -> Retrieval:
+    def search(self, queries: Tensor, k: int, vectors: bool = True, keys: bool = True) -> Retrieval:
         """The tokens of the ``max(1, k // chunk_size)`` chunks whose mean key has the
         largest inner product with each query of ``queries`` (B, H, T, D).
 
@@ -148,4 +148,6 @@ class ChunkedKNNMemory(MemoryStore):
         scores = torch.einsum("bhtd,bhtkd->bhtk", queries, out_keys).masked_fill(~mask, float("-inf"))
         if not vectors:  # the scores needed the keys; the caller reads neither
             out_keys = out_values = None
+        elif not keys:
+            out_keys = None
         return Retrieval(out_keys, out_values, scores, positions, mask)

@@ -135,18 +135,18 @@ class KNNMemory(MemoryStore):
             positions[:, : self.capacity] = self.positions
         self.keys, self.values, self.positions, self.capacity = keys, values, positions, capacity
 
-    def gather(self, stream: int, slots: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    def gather(self, stream: int, slots: Tensor, keys: bool = True) -> Tuple[Optional[Tensor], Tensor, Tensor]:
         """The entries of ``stream`` at ring ``slots`` (H, T, n), each head its own:
-        keys and values (H, T, n, D), positions (H, T, n)."""
+        keys (None if not ``keys``) and values (H, T, n, D), positions (H, T, n)."""
         heads, seq_len, count = slots.shape
         # one index_select over (H * capacity) rows: a gather with an
         # expanded index is several times slower on CPU
         head_offsets = torch.arange(heads, device=slots.device) * self.capacity
         rows = (slots + head_offsets.view(heads, 1, 1)).view(-1)
         shape = (heads, seq_len, count, self.head_dim)
-        keys = self.keys[stream].view(-1, self.head_dim).index_select(0, rows).view(shape)
+        found_keys = self.keys[stream].view(-1, self.head_dim).index_select(0, rows).view(shape) if keys else None
         values = self.values[stream].view(-1, self.head_dim).index_select(0, rows).view(shape)
-        return keys, values, self.positions[stream][slots]
+        return found_keys, values, self.positions[stream][slots]
 
     # ------------------------------------------------------------- interface
     @torch.no_grad()
@@ -186,19 +186,20 @@ class KNNMemory(MemoryStore):
 
     @torch.no_grad()
     @torch.profiler.record_function("knn_memory.search")
-    def search(self, queries: Tensor, k: int, vectors: bool = True) -> Retrieval:
+    def search(self, queries: Tensor, k: int, vectors: bool = True, keys: bool = True) -> Retrieval:
         """Top-``k`` entries by inner product for ``queries`` (B, H, T, D).
 
         Streams holding fewer than ``k`` entries return what they have, the rest
         masked out (``mask`` False, ``positions`` -1, ``scores`` -inf). The last
         dimension is ``min(k, entries of the fullest stream)`` (at least 1).
-        ``vectors=False`` skips gathering keys and values (None in the result).
+        ``vectors=False`` skips gathering keys and values, ``keys=False`` the keys
+        alone (None in the result).
         """
         bsz, heads, seq_len, dim = queries.shape
         # the buffers are never wider than the fullest stream can fill: a k far
         # beyond the memory's size must not allocate B x H x T x k x D
         k = max(1, min(k, max(self.num_valid(stream) for stream in range(bsz))))
-        out_keys = queries.new_zeros(bsz, heads, seq_len, k, dim) if vectors else None
+        out_keys = queries.new_zeros(bsz, heads, seq_len, k, dim) if vectors and keys else None
         out_values = queries.new_zeros(bsz, heads, seq_len, k, dim) if vectors else None
         out_scores = queries.new_full((bsz, heads, seq_len, k), float("-inf"))
         out_positions = torch.full((bsz, heads, seq_len, k), -1, dtype=torch.long, device=queries.device)
@@ -207,13 +208,13 @@ class KNNMemory(MemoryStore):
             if num_valid == 0:
                 continue
             found = min(k, num_valid)
-            keys = self.keys[stream, :, :num_valid]
-            scores, slots = self.backend.search(stream, queries[stream].detach(), keys, found)
+            scores, slots = self.backend.search(stream, queries[stream].detach(), self.keys[stream, :, :num_valid], found)
             # approximate backends may find fewer than k: slot -1, masked below
             missing = slots < 0
             if vectors:
-                found_keys, found_values, found_positions = self.gather(stream, slots.clamp(min=0))
-                out_keys[stream, :, :, :found] = found_keys
+                found_keys, found_values, found_positions = self.gather(stream, slots.clamp(min=0), keys)
+                if keys:
+                    out_keys[stream, :, :, :found] = found_keys
                 out_values[stream, :, :, :found] = found_values
             else:
                 found_positions = self.positions[stream][slots.clamp(min=0)]

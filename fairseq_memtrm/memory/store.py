@@ -27,7 +27,7 @@ from torch import Tensor
 class Retrieval:
     """The top-k entries found for each query. Shapes: (B, H, T, k[, D])."""
 
-    keys: Optional[Tensor]  # (B, H, T, k, D), detached, in the queries' dtype; None from search(vectors=False)
+    keys: Optional[Tensor]  # (B, H, T, k, D), detached, in the queries' dtype; None from search(vectors=False or keys=False)
     values: Optional[Tensor]  # (B, H, T, k, D), detached; None from search(vectors=False)
     scores: Tensor  # (B, H, T, k) inner products; -inf where invalid
     positions: Tensor  # (B, H, T, k) int64 position in the document; -1 where invalid
@@ -65,13 +65,15 @@ class MemoryStore(abc.ABC):
         stored detached: no gradient reaches them."""
 
     @abc.abstractmethod
-    def search(self, queries: Tensor, k: int, vectors: bool = True) -> Retrieval:
+    def search(self, queries: Tensor, k: int, vectors: bool = True, keys: bool = True) -> Retrieval:
         """The top-``k`` entries by inner product for ``queries`` (B, H, T, D), each
         stream in its own entries only. Returns a :class:`Retrieval` whose last
         dimension is at most ``k`` (never wider than the fullest stream can fill,
         at least 1); entries a stream lacks are masked out. ``vectors=False``: only
         scores, positions and mask (keys and values None), for a caller that reads no
-        vector, e.g. the neural cache; the same entries as with vectors."""
+        vector, e.g. the neural cache; ``keys=False``: the values but not the keys, for
+        a caller that takes its logits from ``scores`` (attention without gradient).
+        The same entries either way."""
 
     @abc.abstractmethod
     def reset(self, streams: Optional[Tensor] = None) -> None:

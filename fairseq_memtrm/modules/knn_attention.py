@@ -192,9 +192,15 @@ class KNNAugmentedAttention(GatedMemoryAttention):
 
         # Memory attention over the top-k entries of earlier segments.
         q_unit, k_unit = self.memory_projections(query, q, k, binding.memory_input)
-        retrieval = memory.search(q_unit.detach(), knn_k)
+        # Without a gradient to q, the search's scores are the logits (q_unit . key,
+        # the same products): the found keys need not be gathered.
+        need_keys = torch.is_grad_enabled() and q_unit.requires_grad
+        retrieval = memory.search(q_unit.detach(), knn_k, keys=need_keys)
         scale = self.memory_scale().view(1, -1, 1, 1)
-        memory_logits = torch.einsum("bhtd,bhtkd->bhtk", q_unit, retrieval.keys) * scale
+        if need_keys:
+            memory_logits = torch.einsum("bhtd,bhtkd->bhtk", q_unit, retrieval.keys) * scale
+        else:
+            memory_logits = retrieval.scores.to(q_unit.dtype) * scale
         memory_logits = memory_logits.masked_fill(~retrieval.mask, float("-inf"))
         found = retrieval.mask.any(dim=-1)  # (B, H, T)
         memory_probs = F.softmax(memory_logits.float(), dim=-1).type_as(q)
