@@ -73,6 +73,13 @@ def test_output_matches_by_hand_reference(memory_query, shift_keys, grad):
         knn(past, past, past, attn_mask=causal_mask(T), need_weights=False)
         got, _ = knn(x, x, x, attn_mask=causal_mask(T), need_weights=False)
     assert got.requires_grad == grad
+    # the local attention's two paths: fused (no weights) and explicit (weights wanted)
+    with knn.bind(MemoryBinding(KNNMemory(B, H, D, memory_size=64, shift_keys=shift_keys))):
+        knn(past, past, past, attn_mask=causal_mask(T), need_weights=True)
+        with_weights, weights = knn(x, x, x, attn_mask=causal_mask(T), need_weights=True)
+    torch.testing.assert_close(with_weights, got.detach(), rtol=1e-5, atol=1e-6)
+    assert weights.shape == (B, T, T) and torch.allclose(weights.sum(-1), torch.ones(B, T))
+    assert (weights.triu(1) == 0).all()  # causal
 
     with torch.no_grad():
         local = []
@@ -169,3 +176,30 @@ def test_position_free_keys_come_from_the_memory_input(memory_query):
     torch.testing.assert_close(record.scores, expected.values)
     with pytest.raises(RuntimeError, match="memory_input"), knn.bind(MemoryBinding(memory)):
         knn(x, x, x, attn_mask=causal_mask(T), need_weights=False)
+
+
+def test_padded_keys_are_ignored_by_both_local_attention_paths():
+    """With a key padding mask, the fused path (no weights) and the explicit one
+    (weights) agree, and no real token's output depends on what the padding holds."""
+    _, knn = pair(gate_init=0.5, knn_k=3)
+    past, x = torch.randn(T, B, E), torch.randn(T, B, E)
+    padding = torch.zeros(B, T, dtype=torch.bool)
+    padding[1, :2] = True  # stream 1 starts with two pads, which its later tokens could see
+    other = x.clone()
+    other[:2, 1] = torch.randn(2, E)  # different padding content
+
+    def run(inputs, need_weights):
+        memory = KNNMemory(B, H, D, memory_size=64)
+        with knn.bind(MemoryBinding(memory)):
+            knn(past, past, past, attn_mask=causal_mask(T), need_weights=False)
+            return knn(inputs, inputs, inputs, key_padding_mask=padding, attn_mask=causal_mask(T),
+                       need_weights=need_weights)
+
+    with torch.no_grad():
+        fused, _ = run(x, False)
+        explicit, weights = run(x, True)
+        fused_other, _ = run(other, False)
+    real = ~padding.t()  # (T, B): the rows that are tokens
+    torch.testing.assert_close(fused[real], explicit[real], rtol=1e-5, atol=1e-6)
+    assert (weights[1, 2:, :2] == 0).all()  # no real token attends to a pad
+    torch.testing.assert_close(fused_other[real], fused[real])
