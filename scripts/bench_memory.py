@@ -100,6 +100,9 @@ def parse_args():
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions first (builds indexes)")
     parser.add_argument("--skip-steps", action="store_true", help="search measurements only (no model steps)")
+    parser.add_argument("--step-split", action="store_true",
+                        help="also split each training step's memory time (backend search, the rest of the "
+                        "memory's search, writes) and time the step with every search answered from a cache")
     parser.add_argument("--profile-size", type=int, default=65536, help="memory size of the profiled step (0: none)")
     parser.add_argument("--profile-backend", default="faiss-ivf", help="backend of the profiled step")
     parser.add_argument("--corpus", choices=["auto", "books", "stdlib"], default="auto",
@@ -538,10 +541,60 @@ def bench_step(model, vanilla, captured, memory_size: int, backend: str, args) -
     vanilla.train()
     memorizing_step = training_step(model, tokens, doc_start=torch.zeros(tokens.size(0), dtype=torch.bool),
                                     stream_id="bench", memory_bank=bank)
-    step_s, vanilla_s = interleaved_medians(memorizing_step, training_step(vanilla, tokens), repeats=args.repeats,
-                                            warmup=args.warmup)
-    return {"memory_size": memory_size, "backend": backend, "streams": tokens.size(0), "step_s": step_s,
-            "vanilla_step_s": vanilla_s, "relative_to_vanilla": step_s / vanilla_s}
+    vanilla_step = training_step(vanilla, tokens)
+    step_s, vanilla_s = interleaved_medians(memorizing_step, vanilla_step, repeats=args.repeats, warmup=args.warmup)
+    result = {"memory_size": memory_size, "backend": backend, "streams": tokens.size(0), "step_s": step_s,
+              "vanilla_step_s": vanilla_s, "relative_to_vanilla": step_s / vanilla_s}
+    if args.step_split:
+        result["split"] = step_split(bank.memories("bench"), memorizing_step, vanilla_step, args)
+    return result
+
+
+def step_split(memories, memorizing_step, vanilla_step, args) -> Dict:
+    """Where a step's memory time goes: seconds per step in the backends' searches, in the rest of
+    the memories' searches (gathering what was found), and in their writes (mean of ``--repeats``
+    steps); then the step with every backend search answered from a cache of its last answer
+    (the same entries found, no search time), timed alternately with the vanilla step."""
+    seconds = {"backend_search": 0.0, "memory_search": 0.0, "memory_add": 0.0}
+
+    def timing(obj, name: str, label: str):
+        original = getattr(obj, name)
+
+        def timed_call(*call_args, **kwargs):
+            start = time.perf_counter()
+            out = original(*call_args, **kwargs)
+            seconds[label] += time.perf_counter() - start
+            return out
+
+        setattr(obj, name, timed_call)  # an instance attribute: this bench's memories only
+        return original
+
+    backends = [memory.backend for memory in memories if hasattr(memory, "backend")]
+    for memory in memories:
+        timing(memory, "search", "memory_search")
+        timing(memory, "add", "memory_add")
+    backend_originals = [(backend, timing(backend, "search", "backend_search")) for backend in backends]
+    for _ in range(args.repeats):
+        memorizing_step()
+    split = {label: value / args.repeats for label, value in seconds.items()}
+    split["gather_and_rest_of_search"] = split.pop("memory_search") - split["backend_search"]
+
+    for backend, original in backend_originals:
+        answers = {}
+
+        def cached(stream, queries, keys, k, original=original, answers=answers):
+            if stream not in answers:
+                answers[stream] = original(stream, queries, keys, k)
+            return answers[stream]
+
+        backend.search = cached
+    null_s, vanilla_s = interleaved_medians(memorizing_step, vanilla_step, repeats=args.repeats, warmup=1)
+    for obj in list(memories) + backends:  # back to the class's methods
+        for name in ("search", "add"):
+            obj.__dict__.pop(name, None)
+    split.update({"cached_search_step_s": null_s, "cached_search_vanilla_step_s": vanilla_s,
+                  "cached_search_relative_to_vanilla": null_s / vanilla_s})
+    return split
 
 
 def bench_eval(model, vanilla, captured, memory_size: int, backend: str, args) -> Dict:
@@ -673,6 +726,12 @@ def main():
             steps.append(step)
             logger.info("step   %7d %-10s %.3f s = %.2fx vanilla (%.3f s, timed alternately)", memory_size,
                         backend, step["step_s"], step["relative_to_vanilla"], step["vanilla_step_s"])
+            if "split" in step:
+                split = step["split"]
+                logger.info("step   %7d %-10s per step: backend search %.3f s, rest of search %.3f s, writes %.3f s; "
+                            "with cached searches %.2fx vanilla", memory_size, backend, split["backend_search"],
+                            split["gather_and_rest_of_search"], split["memory_add"],
+                            split["cached_search_relative_to_vanilla"])
             evals.append(bench_eval(model, vanilla, captured, memory_size, backend, args))
             logger.info("eval   %7d %-10s %.0f tokens/s = %.2fx vanilla's %.0f", memory_size, backend,
                         evals[-1]["eval_tokens_per_s"], evals[-1]["tokens_per_s_relative_to_vanilla"],

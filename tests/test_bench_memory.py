@@ -56,6 +56,21 @@ def test_checkpoint_run_reports_every_row_and_full_probe_ivf_recalls_everything(
     assert str(memorizing_checkpoint) in report["corpus"]
 
 
+def test_step_split_accounts_for_the_memory_time_inside_a_step(prepared_data_bin, memorizing_checkpoint, tmp_path):
+    """``--step-split``: the backend's search is part of the memory's search, both part of
+    the step; with cached searches the step is timed again against the vanilla's."""
+    out = tmp_path / "split.json"
+    bench_memory("--checkpoint", memorizing_checkpoint, "--data", prepared_data_bin, *TOY, "--memory-sizes", "700",
+                 "--backends", "exact", "--step-split", "--output", out)
+    (step,) = json.loads(out.read_text())["steps"]
+    split = step["split"]
+    assert 0 < split["backend_search"] < step["step_s"] * 2  # one step's worth, not a sum over steps
+    assert split["gather_and_rest_of_search"] >= 0 and split["memory_add"] > 0
+    assert split["backend_search"] + split["gather_and_rest_of_search"] + split["memory_add"] < 2 * step["step_s"]
+    assert split["cached_search_relative_to_vanilla"] == pytest.approx(
+        split["cached_search_step_s"] / split["cached_search_vanilla_step_s"], rel=1e-6)
+
+
 def test_captured_keys_saved_and_loaded_give_the_same_search_answers(tmp_path):
     saved, first, second = tmp_path / "captured.pt", tmp_path / "first.json", tmp_path / "second.json"
     byte_model = ["--layers", "1", "--embed-dim", "32", "--heads", "4", "--train-updates", "2", "--corpus", "stdlib",
