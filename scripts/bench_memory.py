@@ -16,6 +16,8 @@ For each memory size (default 8K / 65K / 262K tokens) and each backend
 * evaluation throughput (forward only, the memory searched and written every
   segment, as ``fairseq-eval-lm`` reads a document) with a full memory, against
   the vanilla model's;
+* with ``--step-split``, where a step's memory time goes (backend search, gather, writes)
+  and the step with every search answered from a cache;
 * a torch profile of the memorizing step (``--profile-size``), labelled
   ``knn_memory.search`` / ``knn_memory.add``, showing where the time goes;
 * the exact search's score pass at ``--profile-size`` in fp32, bf16 and fp16, timed
