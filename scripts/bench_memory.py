@@ -555,8 +555,9 @@ def bench_step(model, vanilla, captured, memory_size: int, backend: str, args) -
 def step_split(memories, memorizing_step, vanilla_step, args) -> Dict:
     """Where a step's memory time goes: seconds per step in the backends' searches, in the rest of
     the memories' searches (gathering what was found), and in their writes (mean of ``--repeats``
-    steps); then the step with every backend search answered from a cache of its last answer
-    (the same entries found, no search time), timed alternately with the vanilla step."""
+    steps); then the step with every backend search answered from a cache that its first call
+    (in the warm-up) fills: the same entries found, no search time, timed alternately with the
+    vanilla step."""
     seconds = {"backend_search": 0.0, "memory_search": 0.0, "memory_add": 0.0}
 
     def timing(obj, name: str, label: str):
