@@ -1,4 +1,4 @@
-"""Four small changes to fairseq 0.12, made when the plugin is imported (``--user-dir``).
+"""Five small changes to fairseq 0.12, made when the plugin is imported (``--user-dir``).
 
 Why: fairseq saves ``checkpoint_E_N.pt`` atomically (a ``.tmp`` file renamed), then
 copies it to ``checkpoint_last.pt`` with a plain ``shutil.copyfile``; a run killed
@@ -27,16 +27,28 @@ What (each only replaces a name fairseq looks up at call time, nothing else chan
 4. ``distributed_utils._broadcast_object_slow`` (rank 0 sends a resumed checkpoint's
    state to the other ranks) unpickles with ``weights_only=False``: torch >= 2.6
    refused fairseq's ``DictConfig`` there, so a resumed multi-process run died.
+5. At interpreter exit (``atexit``), fairseq's data-prefetch threads
+   (``iterators.BackgroundConsumer``, daemon threads that keep loading batches for a
+   training or validation iterator that was stopped early, as ``--max-update`` and
+   ``--max-valid-steps`` do) are told to stop and are joined. Left running, one caught
+   inside a torch operator when Python's finalization ends daemon threads aborts the
+   process ("terminate called without an active exception", status 134) after a run
+   that succeeded.
 
 The scripts (scripts/common.sh) also repair a broken ``checkpoint_last.pt`` left by a
 run without the plugin (stock fairseq), before they train.
 """
 
+import atexit
 import multiprocessing
 import os
+import queue
 import sys
+import threading
+import time
 
 from fairseq import checkpoint_utils
+from fairseq.data import iterators
 from fairseq.distributed import utils as distributed_utils
 from fairseq.file_io import PathManager
 
@@ -79,6 +91,27 @@ def _call_main(cfg, main, **kwargs):
         os._exit(error.exit_status)
 
 
+def stop_background_consumers(timeout: float = 60.0) -> bool:
+    """Stop fairseq's live data-prefetch threads: each leaves its loop after its next
+    batch, and its queue is emptied so that no ``put`` keeps it waiting. True when all
+    of them ended within ``timeout`` seconds."""
+    consumers = [thread for thread in threading.enumerate()
+                 if isinstance(thread, iterators.BackgroundConsumer) and thread.is_alive()]
+    for consumer in consumers:
+        consumer._max_len = 0  # its loop breaks after the next put
+    deadline = time.monotonic() + timeout
+    while consumers and time.monotonic() < deadline:
+        for consumer in consumers:
+            try:
+                while True:
+                    consumer._queue.get_nowait()
+            except queue.Empty:
+                pass
+            consumer.join(timeout=0.01)
+        consumers = [consumer for consumer in consumers if consumer.is_alive()]
+    return not consumers
+
+
 def install() -> None:
     """Apply the changes (once)."""
     if checkpoint_utils.PathManager is not AtomicCopyPathManager:
@@ -91,3 +124,6 @@ def install() -> None:
         distributed_utils.call_main = _call_main
     # 4. how rank 0 hands a resumed checkpoint to the other ranks (see the function)
     distributed_utils._broadcast_object_slow = distributed.broadcast_object_slow
+    if not getattr(install, "exit_hook", False):
+        atexit.register(stop_background_consumers)
+        install.exit_hook = True

@@ -73,11 +73,13 @@ if [ -n "${INIT_FROM:-}" ] && [ ! -f "$SAVE/transplanted.pt" ]; then
         --out "$SAVE/transplanted.pt" 2> >(grep -v -e tensorboardX -e faiss >&2)
 fi
 
-# One fairseq-train run of the vanilla shape: train_phase SAVE_DIR [args]
+# One fairseq-train run of the vanilla shape: train_phase SAVE_DIR [args]. The plugin is
+# loaded in every phase, also for the stock language_modeling task: its changes to fairseq
+# (atomic checkpoint_last.pt, a clean exit; fairseq_memtrm/fairseq_patches.py) apply.
 train_phase() {
     local dir=$1
     shift
-    "$BIN/fairseq-train" "$DATA" --sample-break-mode none \
+    "$BIN/fairseq-train" "$DATA" --user-dir fairseq_memtrm --sample-break-mode none \
         --arch transformer_lm "${SHAPE[@]}" --dropout "$DROPOUT" --batch-size "$BATCH_SIZE" \
         --optimizer adam --adam-betas '(0.9, 0.98)' --clip-norm 1.0 \
         --seed "$SEED" --save-dir "$dir" --no-epoch-checkpoints --keep-interval-updates -1 \
@@ -88,12 +90,8 @@ train_phase() {
 if [ "$COPY_UPDATES" -gt 0 ]; then
     if [ "${REPEAT_PROB:-0.5}" = 0 ]; then
         COPY_TASK=(--task language_modeling)
-        FROM=()
     else
-        # phase 2 reads phase 1's checkpoint, whose task (repeat_lm) is the plugin's
-        FROM=(--user-dir fairseq_memtrm)
-        COPY_TASK=(--user-dir fairseq_memtrm --task repeat_lm --repeat-prob "${REPEAT_PROB:-0.5}"
-                   --repeat-min-len 8 --repeat-max-len 48)
+        COPY_TASK=(--task repeat_lm --repeat-prob "${REPEAT_PROB:-0.5}" --repeat-min-len 8 --repeat-max-len 48)
     fi
     if is_trained "$COPY_DIR" "$COPY_UPDATES"; then
         echo "train_vanilla.sh: copy phase already has $COPY_UPDATES updates"
@@ -103,7 +101,7 @@ if [ "$COPY_UPDATES" -gt 0 ]; then
             --lr "${COPY_LR:-1e-3}" --lr-scheduler inverse_sqrt --warmup-updates "${COPY_WARMUP:-500}" \
             --max-update "$COPY_UPDATES" --save-interval-updates "${SAVE_EVERY:-1000}" "$@"
     fi
-    FROM+=(--finetune-from-model "$COPY_DIR/checkpoint_last.pt")
+    FROM=(--finetune-from-model "$COPY_DIR/checkpoint_last.pt")
 elif [ -n "${INIT_FROM:-}" ]; then
     FROM=(--finetune-from-model "$SAVE/transplanted.pt")
 else
@@ -113,9 +111,7 @@ fi
 if [ "${CONTEXT_REPEAT_PROB:-0.5}" = 0 ]; then
     CONTEXT_TASK=(--task language_modeling)
 else
-    CONTEXT_TASK=()
-    [ "${FROM[0]:-}" = --user-dir ] || CONTEXT_TASK=(--user-dir fairseq_memtrm)
-    CONTEXT_TASK+=(--task repeat_lm --repeat-prob "${CONTEXT_REPEAT_PROB:-0.5}" --repeat-min-len 8 --repeat-max-len 128)
+    CONTEXT_TASK=(--task repeat_lm --repeat-prob "${CONTEXT_REPEAT_PROB:-0.5}" --repeat-min-len 8 --repeat-max-len 128)
 fi
 echo "train_vanilla.sh: context phase, $MAX updates -> $SAVE"
 train_phase "$SAVE" "${CONTEXT_TASK[@]}" --tokens-per-sample "$TOKENS_PER_SAMPLE" "${FROM[@]}" \

@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -244,3 +245,67 @@ def test_demo_bad_checkpoint(bad_file):
     out = run_command(BIN / "python", REPO / "demo" / "app.py", "--checkpoint", path, "--cpu", check=False)
     assert one_sentence(out, BAD_SENTENCE[kind]).startswith(
         f"demo/app.py: error: --checkpoint {path} is not a fairseq checkpoint")
+
+
+# ------------------------------------------------------------- prefetch threads alive at exit
+PREFETCH_AT_EXIT = """
+import os, sys, threading
+import torch
+if os.environ["WITH_PLUGIN"] == "1":
+    import fairseq_memtrm  # noqa: F401
+from fairseq.data import iterators
+
+def batches():  # every batch a torch operator of some milliseconds, without end
+    a = torch.randn(600, 600)
+    while True:
+        yield a @ a
+
+itr = iterators.BufferedIterator(1000, range(10**6))
+itr._iterable = batches()
+next(itr)
+print("consumer alive:", any(isinstance(t, iterators.BackgroundConsumer) and t.is_alive()
+                             for t in threading.enumerate()), flush=True)
+"""
+
+
+@pytest.mark.parametrize("with_plugin", [False, True])
+def test_prefetch_thread_alive_at_exit(tmp_path, with_plugin):
+    """A process that ends while fairseq's prefetch thread is inside a torch operator (a
+    training or validation iterator stopped early): stock, Python's teardown aborts it
+    (SIGABRT, "terminate called without an active exception"); with the plugin imported it
+    ends with status 0."""
+    program = tmp_path / "prefetch.py"
+    program.write_text(PREFETCH_AT_EXIT)
+    result = run_command(BIN / "python", program, check=False, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "WITH_PLUGIN": str(int(with_plugin))})
+    assert "consumer alive: True" in result.stdout
+    if with_plugin:
+        assert result.returncode == 0, result.stderr[-2000:]
+    else:
+        assert result.returncode == -signal.SIGABRT
+        assert "terminate called without an active exception" in result.stderr
+
+
+def test_stop_background_consumers_ends_every_prefetch_thread():
+    """Prefetch threads blocked on a full queue or still producing all end, and no other thread is touched."""
+    from fairseq.data import iterators
+
+    from fairseq_memtrm.fairseq_patches import stop_background_consumers
+
+    def endless():
+        while True:
+            yield torch.zeros(4)
+
+    full, busy = iterators.BufferedIterator(2, range(100)), iterators.BufferedIterator(1000, range(10**6))
+    full._iterable, busy._iterable = endless(), endless()
+    next(full), next(busy)
+    time.sleep(0.2)  # `full` now waits on its put
+    bystander_done = threading.Event()
+    bystander = threading.Thread(target=bystander_done.wait, daemon=True)
+    bystander.start()
+    consumers = [full._consumer, busy._consumer]
+    assert all(consumer.is_alive() for consumer in consumers)
+    assert stop_background_consumers(timeout=30)
+    assert not any(consumer.is_alive() for consumer in consumers)
+    assert bystander.is_alive()
+    bystander_done.set()
