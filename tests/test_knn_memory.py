@@ -128,6 +128,38 @@ def test_fewer_entries_than_k_are_masked():
     assert torch.isinf(found.scores[..., 3:]).all()
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_streams_of_different_fullness_share_one_search(dtype):
+    """An empty, a short and a full stream searched together: each finds its own entries (by-hand
+    reference), in the queries' dtype; what a stream lacks is masked, -1, and reads as zeros."""
+    g = torch.Generator().manual_seed(8)
+    memory = KNNMemory(3, H, D, memory_size=10, dtype=dtype)
+    keys, values = random_segment(g, seq_len=12, bsz=3)
+    counts = [0, 3, 12]  # stream 2 wraps its ring of 10
+    mask = torch.arange(12).unsqueeze(0) < torch.tensor(counts).unsqueeze(1)
+    memory.add(keys, values, token_mask=mask)
+    queries = torch.randn(3, H, 4, D, generator=g)
+    found = memory.search(queries, k=5)
+    assert found.keys.dtype == found.values.dtype == torch.float32
+    assert not found.mask[0].any() and (found.positions[0] == -1).all()
+    assert not found.keys[0].any() and not found.values[0].any()
+    stored = {1: range(0, 3), 2: range(2, 12)}  # positions each stream still holds
+    tolerance = 1e-6 if dtype == "fp32" else 2e-3
+    for stream, positions in stored.items():
+        n = min(5, len(positions))
+        assert found.mask[stream, ..., :n].all() and not found.mask[stream, ..., n:].any()
+        assert (found.positions[stream, ..., n:] == -1).all()
+        assert not found.keys[stream, ..., n:, :].any() and not found.values[stream, ..., n:, :].any()
+        for h in range(H):
+            held = torch.tensor(list(positions))
+            scores, order = brute_force_topk(queries[stream, h].numpy(), keys[stream, h, held].numpy(), n)
+            np.testing.assert_array_equal(found.positions[stream, h, :, :n].numpy(), held.numpy()[order])
+            np.testing.assert_allclose(found.keys[stream, h, :, :n].numpy(), keys[stream, h].numpy()[held.numpy()[order]],
+                                       atol=tolerance, rtol=tolerance)
+            np.testing.assert_allclose(found.values[stream, h, :, :n].numpy(),
+                                       values[stream, h].numpy()[held.numpy()[order]], atol=tolerance, rtol=tolerance)
+
+
 def test_no_gradient_reaches_stored_entries():
     keys = torch.randn(1, H, 4, D, requires_grad=True)
     values = torch.randn(1, H, 4, D, requires_grad=True)

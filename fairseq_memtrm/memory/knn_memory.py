@@ -138,15 +138,28 @@ class KNNMemory(MemoryStore):
     def gather(self, stream: int, slots: Tensor, keys: bool = True) -> Tuple[Optional[Tensor], Tensor, Tensor]:
         """The entries of ``stream`` at ring ``slots`` (H, T, n), each head its own:
         keys (None if not ``keys``) and values (H, T, n, D), positions (H, T, n)."""
-        heads, seq_len, count = slots.shape
-        # one index_select over (H * capacity) rows: a gather with an
+        found_keys, values, positions = self.gather_streams(slots.unsqueeze(0), keys, streams=[stream])
+        return None if found_keys is None else found_keys[0], values[0], positions[0]
+
+    def gather_streams(self, slots: Tensor, keys: bool = True, values: bool = True, streams: Optional[list] = None
+                       ) -> Tuple[Optional[Tensor], Optional[Tensor], Tensor]:
+        """The entries at ring ``slots`` (S, H, T, n) of ``streams`` (default all, in order):
+        keys and values (S, H, T, n, D; None if not asked for), positions (S, H, T, n). Each
+        comes from one ``index_select`` into a tensor that nothing zeroes first: on the CPU,
+        the first touch of a large new tensor, not the copy, is what a gather costs."""
+        count, heads = slots.shape[:2]
+        stream_ids = torch.arange(count, device=slots.device) if streams is None else torch.tensor(
+            streams, device=slots.device)
+        # one index_select over (B * H * capacity) rows: a gather with an
         # expanded index is several times slower on CPU
-        head_offsets = torch.arange(heads, device=slots.device) * self.capacity
-        rows = (slots + head_offsets.view(heads, 1, 1)).view(-1)
-        shape = (heads, seq_len, count, self.head_dim)
-        found_keys = self.keys[stream].view(-1, self.head_dim).index_select(0, rows).view(shape) if keys else None
-        values = self.values[stream].view(-1, self.head_dim).index_select(0, rows).view(shape)
-        return found_keys, values, self.positions[stream][slots]
+        offsets = (stream_ids.view(count, 1) * heads + torch.arange(heads, device=slots.device)) * self.capacity
+        rows = (slots + offsets.view(count, heads, 1, 1)).view(-1)
+        shape = (*slots.shape, self.head_dim)
+        found_keys = self.keys.view(-1, self.head_dim).index_select(0, rows).view(shape) if keys else None
+        found_values = self.values.view(-1, self.head_dim).index_select(0, rows).view(shape) if values else None
+        positions = self.positions.view(-1).index_select(
+            0, (slots + (stream_ids * self.capacity).view(count, 1, 1, 1)).view(-1)).view(slots.shape)
+        return found_keys, found_values, positions
 
     # ------------------------------------------------------------- interface
     @torch.no_grad()
@@ -199,25 +212,33 @@ class KNNMemory(MemoryStore):
         # the buffers are never wider than the fullest stream can fill: a k far
         # beyond the memory's size must not allocate B x H x T x k x D
         k = max(1, min(k, max(self.num_valid(stream) for stream in range(bsz))))
-        out_keys = queries.new_zeros(bsz, heads, seq_len, k, dim) if vectors and keys else None
-        out_values = queries.new_zeros(bsz, heads, seq_len, k, dim) if vectors else None
         out_scores = queries.new_full((bsz, heads, seq_len, k), float("-inf"))
-        out_positions = torch.full((bsz, heads, seq_len, k), -1, dtype=torch.long, device=queries.device)
+        slots = torch.full((bsz, heads, seq_len, k), -1, dtype=torch.long, device=queries.device)
         for stream in range(bsz):
             num_valid = self.num_valid(stream)
             if num_valid == 0:
                 continue
             found = min(k, num_valid)
-            scores, slots = self.backend.search(stream, queries[stream].detach(), self.keys[stream, :, :num_valid], found)
-            # approximate backends may find fewer than k: slot -1, masked below
-            missing = slots < 0
-            if vectors:
-                found_keys, found_values, found_positions = self.gather(stream, slots.clamp(min=0), keys)
-                if keys:
-                    out_keys[stream, :, :, :found] = found_keys
-                out_values[stream, :, :, :found] = found_values
-            else:
-                found_positions = self.positions[stream][slots.clamp(min=0)]
-            out_scores[stream, :, :, :found] = scores.to(queries.dtype).masked_fill(missing, float("-inf"))
-            out_positions[stream, :, :, :found] = found_positions.masked_fill(missing, -1)
+            scores, found_slots = self.backend.search(stream, queries[stream].detach(),
+                                                      self.keys[stream, :, :num_valid], found)
+            out_scores[stream, :, :, :found] = scores.to(queries.dtype)
+            slots[stream, :, :, :found] = found_slots
+        # approximate backends may find fewer than k, and short streams hold fewer: slot -1
+        missing = slots < 0
+        out_scores.masked_fill_(missing, float("-inf"))
+        if self.keys is None:  # nothing written yet: every entry is missing
+            shape = (bsz, heads, seq_len, k, dim)
+            out_keys = queries.new_zeros(shape) if vectors and keys else None
+            out_values = queries.new_zeros(shape) if vectors else None
+            return Retrieval(out_keys, out_values, out_scores, slots, ~missing)
+        out_keys, out_values, out_positions = self.gather_streams(slots.clamp(min=0), keys=vectors and keys,
+                                                                 values=vectors)
+        out_positions.masked_fill_(missing, -1)
+        if vectors:
+            out_keys, out_values = [None if found is None else found.to(queries.dtype)
+                                    for found in (out_keys, out_values)]
+            if bool(missing.any()):  # entries not found read as zeros
+                for found in (out_keys, out_values):
+                    if found is not None:
+                        found.masked_fill_(missing.unsqueeze(-1), 0.0)
         return Retrieval(out_keys, out_values, out_scores, out_positions, out_positions >= 0)
